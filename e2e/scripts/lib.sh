@@ -1,0 +1,29 @@
+# Shared settings for the e2e scripts. Sourced, not run.
+# Versions of the upstream binaries; each one keys its cache directory.
+K8S_VERSION=v1.33.13
+ETCD_VERSION=v3.5.36
+KWOK_VERSION=v0.7.0
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_DIR=$(cd "$E2E_DIR/.." && pwd)
+TF_CACHE_DIR=${TF_CACHE_DIR:-$HOME/.cache/tensor-fusion}
+BIN_CACHE=$TF_CACHE_DIR/bin
+K8S_BIN=$BIN_CACHE/kubernetes-$K8S_VERSION
+ETCD_BIN=$BIN_CACHE/etcd-$ETCD_VERSION
+KWOK_BIN=$BIN_CACHE/kwok-$KWOK_VERSION
+
+log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Runs a long command, printing a heartbeat with elapsed time so a first build shows progress.
+with_progress() {
+  local what=$1; shift
+  local start=$SECONDS
+  "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 20
+    kill -0 "$pid" 2>/dev/null && log "$what: still building ($((SECONDS - start))s elapsed)"
+  done
+  wait "$pid"
+}
