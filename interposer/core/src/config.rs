@@ -1,0 +1,355 @@
+//! What one container may use: the pod limits file the node agent writes, merged with the
+//! environment the webhook injects.
+//!
+//! The node agent writes `<pod dir>/<container>.limits` (on the host
+//! `/run/tensor-fusion/pods/<pod-uid>/<container>.limits`), one `key=value` per line, `#`
+//! starts a comment, unknown keys are ignored so the agent can add fields first. A value in
+//! the file wins over the environment (the agent knows the assignment; the webhook only knew the
+//! annotations); a missing request falls back to the limit. `docs/interposer.md` is the
+//! reference for the format.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the pod directory (set by the webhook).
+pub const ENV_POD_DIR: &str = "TF_POD_DIR";
+/// Environment variable naming the container (set by the webhook).
+pub const ENV_CONTAINER_NAME: &str = "TF_CONTAINER_NAME";
+/// Turns the "no limits, no start" rule off: with it set to `1`, a process with no limits runs
+/// unlimited instead of failing `cuInit`.
+pub const ENV_ALLOW_UNLIMITED: &str = "TF_INTERPOSER_ALLOW_UNLIMITED";
+
+/// Version of the limits file format this crate writes and reads.
+pub const LIMITS_FORMAT_VERSION: u32 = 1;
+
+/// Errors reading the limits of a container.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("invalid value in {source_name}: {key} = {value:?} ({expected})")]
+    InvalidValue {
+        source_name: String,
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("unsupported limits file version in {path}: {version:?} (this interposer reads 1)")]
+    UnsupportedVersion { path: String, version: String },
+    #[error("failed to read limits file {path}: {reason}")]
+    Unreadable { path: String, reason: String },
+}
+
+/// Everything the interposer enforces for one container; per GPU where it says so.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerLimits {
+    /// GPUs assigned by the node agent, in the order the container sees them. Empty: the agent
+    /// said nothing, and the first `gpu_count` devices are visible.
+    pub gpu_uuids: Vec<String>,
+    /// GPUs this container shares (`TF_GPU_COUNT`); `None` means all.
+    pub gpu_count: Option<u32>,
+    /// Guaranteed TFLOPS per GPU.
+    pub tflops_request: Option<f64>,
+    /// Burst ceiling in TFLOPS per GPU.
+    pub tflops_limit: Option<f64>,
+    /// Physical TFLOPS of the assigned GPU model, to turn TFLOPS into a share of the GPU.
+    pub gpu_tflops: Option<f64>,
+    /// Guaranteed VRAM bytes per GPU.
+    pub vram_request: Option<u64>,
+    /// VRAM bytes per GPU beyond which allocations fail (or spill).
+    pub vram_limit: Option<u64>,
+    /// Host bytes per GPU that may back device allocations past the VRAM limit; 0 turns spill off.
+    pub spill_quota: u64,
+    /// Initial refill rate of the launch token bucket, in tokens (kernel threads) per second.
+    pub refill_rate: Option<f64>,
+    /// Tokens the bucket holds at most, as seconds of refill.
+    pub burst_seconds: Option<f64>,
+    /// Where the limits file was (or would have been) read from.
+    pub limits_path: Option<PathBuf>,
+    /// Where the container's shared usage file lives.
+    pub usage_path: Option<PathBuf>,
+    /// `TF_INTERPOSER_ALLOW_UNLIMITED=1`.
+    pub allow_unlimited: bool,
+}
+
+impl ContainerLimits {
+    /// Reads the environment through `env` and the limits file it points at (if present).
+    pub fn load(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut limits = Self::from_env(&env)?;
+        if let Some(path) = limits.limits_path.clone() {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => limits.apply_file(&path, &text)?,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    return Err(ConfigError::Unreadable {
+                        path: path.display().to_string(),
+                        reason: error.to_string(),
+                    });
+                }
+            }
+        }
+        limits.fill_requests_from_limits();
+        Ok(limits)
+    }
+
+    /// The part of [`ContainerLimits::load`] that reads only the environment.
+    pub fn from_env(env: &impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let source = "the environment";
+        let get = |key: &str| env(key).filter(|value| !value.trim().is_empty());
+        let mut limits = Self {
+            gpu_count: get("TF_GPU_COUNT")
+                .map(|value| parse_u32(source, "TF_GPU_COUNT", &value))
+                .transpose()?,
+            tflops_request: get("TF_TFLOPS_REQUEST")
+                .map(|value| parse_f64(source, "TF_TFLOPS_REQUEST", &value))
+                .transpose()?,
+            tflops_limit: get("TF_TFLOPS_LIMIT")
+                .map(|value| parse_f64(source, "TF_TFLOPS_LIMIT", &value))
+                .transpose()?,
+            vram_request: get("TF_VRAM_REQUEST")
+                .map(|value| parse_u64(source, "TF_VRAM_REQUEST", &value))
+                .transpose()?,
+            vram_limit: get("TF_VRAM_LIMIT")
+                .map(|value| parse_u64(source, "TF_VRAM_LIMIT", &value))
+                .transpose()?,
+            allow_unlimited: get(ENV_ALLOW_UNLIMITED).is_some_and(|value| value.trim() == "1"),
+            ..Self::default()
+        };
+        if let Some(pod_dir) = get(ENV_POD_DIR) {
+            let container = get(ENV_CONTAINER_NAME).unwrap_or_else(|| "main".to_owned());
+            let pod_dir = PathBuf::from(pod_dir);
+            limits.limits_path = Some(limits_file_path(&pod_dir, &container));
+            limits.usage_path = Some(usage_file_path(&pod_dir, &container));
+        }
+        Ok(limits)
+    }
+
+    /// Overlays the contents of a limits file.
+    pub fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let source = path.display().to_string();
+        let entries = parse_entries(text);
+        if let Some(version) = entries.get("version")
+            && version.trim() != LIMITS_FORMAT_VERSION.to_string()
+        {
+            return Err(ConfigError::UnsupportedVersion {
+                path: source,
+                version: version.clone(),
+            });
+        }
+        for (key, value) in &entries {
+            match key.as_str() {
+                "gpu_uuids" => {
+                    self.gpu_uuids = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|uuid| !uuid.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                }
+                "tflops_request" => self.tflops_request = Some(parse_f64(&source, key, value)?),
+                "tflops_limit" => self.tflops_limit = Some(parse_f64(&source, key, value)?),
+                "gpu_tflops" => self.gpu_tflops = Some(parse_f64(&source, key, value)?),
+                "vram_request" => self.vram_request = Some(parse_u64(&source, key, value)?),
+                "vram_limit" => self.vram_limit = Some(parse_u64(&source, key, value)?),
+                "spill_quota" => self.spill_quota = parse_u64(&source, key, value)?,
+                "refill_rate" => self.refill_rate = Some(parse_f64(&source, key, value)?),
+                "burst_seconds" => self.burst_seconds = Some(parse_f64(&source, key, value)?),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn fill_requests_from_limits(&mut self) {
+        if self.tflops_request.is_none() {
+            self.tflops_request = self.tflops_limit;
+        }
+        if self.vram_request.is_none() {
+            self.vram_request = self.vram_limit;
+        }
+    }
+
+    /// Whether anything says what this container may use.
+    pub fn is_limited(&self) -> bool {
+        self.vram_limit.is_some() || self.tflops_limit.is_some()
+    }
+
+    /// The limits file the node agent writes for these values (the inverse of
+    /// [`ContainerLimits::apply_file`]).
+    pub fn render_file(&self) -> String {
+        let mut text = format!(
+            "# tensor-fusion container limits, read by the interposer at cuInit\nversion={LIMITS_FORMAT_VERSION}\n"
+        );
+        let mut line = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                // Writing to a String cannot fail.
+                let _ = writeln!(text, "{key}={value}");
+            }
+        };
+        line(
+            "gpu_uuids",
+            (!self.gpu_uuids.is_empty()).then(|| self.gpu_uuids.join(",")),
+        );
+        line("tflops_request", self.tflops_request.map(|v| v.to_string()));
+        line("tflops_limit", self.tflops_limit.map(|v| v.to_string()));
+        line("gpu_tflops", self.gpu_tflops.map(|v| v.to_string()));
+        line("vram_request", self.vram_request.map(|v| v.to_string()));
+        line("vram_limit", self.vram_limit.map(|v| v.to_string()));
+        line("spill_quota", Some(self.spill_quota.to_string()));
+        line("refill_rate", self.refill_rate.map(|v| v.to_string()));
+        line("burst_seconds", self.burst_seconds.map(|v| v.to_string()));
+        text
+    }
+}
+
+/// `<pod dir>/<container>.limits`.
+pub fn limits_file_path(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.limits"))
+}
+
+/// `<pod dir>/<container>.shm`.
+pub fn usage_file_path(pod_dir: &Path, container: &str) -> PathBuf {
+    pod_dir.join(format!("{container}.shm"))
+}
+
+fn parse_entries(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim())
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
+fn invalid(source: &str, key: &str, value: &str, expected: &'static str) -> ConfigError {
+    ConfigError::InvalidValue {
+        source_name: source.to_owned(),
+        key: key.to_owned(),
+        value: value.to_owned(),
+        expected,
+    }
+}
+
+fn parse_u64(source: &str, key: &str, value: &str) -> Result<u64, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(source, key, value, "a whole number of bytes"))
+}
+
+fn parse_u32(source: &str, key: &str, value: &str) -> Result<u32, ConfigError> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| invalid(source, key, value, "a positive whole number"))
+}
+
+fn parse_f64(source: &str, key: &str, value: &str) -> Result<f64, ConfigError> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|number| number.is_finite() && *number >= 0.0)
+        .ok_or_else(|| invalid(source, key, value, "a non-negative decimal number"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+            .collect();
+        move |key| map.get(key).cloned()
+    }
+
+    #[test]
+    fn environment_alone_gives_limits_and_requests_fall_back_to_limits() {
+        let limits = ContainerLimits::load(env_of(&[
+            ("TF_VRAM_LIMIT", "3221225472"),
+            ("TF_TFLOPS_LIMIT", "200"),
+            ("TF_TFLOPS_REQUEST", "100"),
+        ]))
+        .unwrap();
+        assert_eq!(limits.vram_limit, Some(3_221_225_472));
+        assert_eq!(limits.vram_request, Some(3_221_225_472));
+        assert_eq!(limits.tflops_request, Some(100.0));
+        assert_eq!(limits.tflops_limit, Some(200.0));
+        assert!(limits.is_limited());
+        assert_eq!(limits.usage_path, None);
+    }
+
+    #[test]
+    fn file_values_win_over_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("trainer.limits"),
+            "version=1\n# assigned by the agent\ngpu_uuids=GPU-b, GPU-a\nvram_limit=1024 # bytes\nspill_quota=4096\nrefill_rate=2.5e9\nfuture_key=ignored\n",
+        )
+        .unwrap();
+        let pod_dir = dir.path().display().to_string();
+        let limits = ContainerLimits::load(env_of(&[
+            ("TF_POD_DIR", &pod_dir),
+            ("TF_CONTAINER_NAME", "trainer"),
+            ("TF_VRAM_LIMIT", "2048"),
+        ]))
+        .unwrap();
+        assert_eq!(limits.gpu_uuids, vec!["GPU-b", "GPU-a"]);
+        assert_eq!(limits.vram_limit, Some(1024));
+        assert_eq!(limits.spill_quota, 4096);
+        assert_eq!(limits.refill_rate, Some(2.5e9));
+        assert_eq!(
+            limits.usage_path,
+            Some(dir.path().join("trainer.shm")),
+            "usage file sits next to the limits file"
+        );
+    }
+
+    #[test]
+    fn rendered_file_reads_back_to_the_same_limits() {
+        let limits = ContainerLimits {
+            gpu_uuids: vec!["GPU-1".into(), "GPU-2".into()],
+            tflops_request: Some(100.0),
+            tflops_limit: Some(200.5),
+            gpu_tflops: Some(989.0),
+            vram_request: Some(1 << 30),
+            vram_limit: Some(3 << 30),
+            spill_quota: 1 << 29,
+            refill_rate: Some(1e9),
+            burst_seconds: Some(0.05),
+            ..ContainerLimits::default()
+        };
+        let mut read_back = ContainerLimits::default();
+        read_back
+            .apply_file(Path::new("x.limits"), &limits.render_file())
+            .unwrap();
+        assert_eq!(read_back, limits);
+    }
+
+    #[test]
+    fn bad_values_name_the_source_key_and_value() {
+        let error = ContainerLimits::load(env_of(&[("TF_VRAM_LIMIT", "3Gi")])).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid value in the environment: TF_VRAM_LIMIT = \"3Gi\" (a whole number of bytes)"
+        );
+        let mut limits = ContainerLimits::default();
+        let error = limits
+            .apply_file(Path::new("/p/c.limits"), "version=2\n")
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unsupported limits file version in /p/c.limits: \"2\" (this interposer reads 1)"
+        );
+    }
+
+    #[test]
+    fn no_limits_is_reported_as_unlimited() {
+        let limits = ContainerLimits::load(env_of(&[])).unwrap();
+        assert!(!limits.is_limited());
+        assert!(!limits.allow_unlimited);
+        let limits =
+            ContainerLimits::load(env_of(&[("TF_INTERPOSER_ALLOW_UNLIMITED", "1")])).unwrap();
+        assert!(limits.allow_unlimited);
+    }
+}
