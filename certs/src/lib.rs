@@ -179,7 +179,13 @@ mod tests {
                 .unwrap();
         let server_name = ServerName::try_from(name.to_owned()).unwrap();
         verifier
-            .verify_server_cert(&der(&pair.cert_pem), &[], &server_name, &[], UnixTime::now())
+            .verify_server_cert(
+                &der(&pair.cert_pem),
+                &[],
+                &server_name,
+                &[],
+                UnixTime::now(),
+            )
             .map(|_| ())
     }
 
@@ -187,7 +193,9 @@ mod tests {
     fn a_reloaded_ca_signs_again() {
         let ca = CertificateAuthority::generate("test-ca", DAY).unwrap();
         let again = CertificateAuthority::from_pem(ca.pem().clone()).unwrap();
-        again.issue_serving(&["a.example".to_owned()], &[], DAY).unwrap();
+        again
+            .issue_serving(&["a.example".to_owned()], &[], DAY)
+            .unwrap();
     }
 
     #[test]
@@ -196,6 +204,9 @@ mod tests {
         let err = ca
             .issue_serving(&["b\u{e4}d.example".to_owned()], &[], DAY)
             .unwrap_err();
-        assert!(err.to_string().starts_with("invalid subject alternative name \"b\u{e4}d.example\""));
+        assert!(
+            err.to_string()
+                .starts_with("invalid subject alternative name \"b\u{e4}d.example\"")
+        );
     }
 }

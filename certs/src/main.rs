@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use tensor_fusion_certs::{CertificateAuthority, PemPair};
 
 #[derive(Parser)]
-#[command(version, about = "CA and serving certificates for the TensorFusion webhook")]
+#[command(
+    version,
+    about = "CA and serving certificates for the TensorFusion webhook"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

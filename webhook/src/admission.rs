@@ -1,0 +1,292 @@
+//! One admission review, start to finish: decode, decide shared or native, build the patch.
+//!
+//! [`Admitter::review`] takes the raw HTTP body and returns the response body; everything in
+//! between is plain data: [`ShareSpec`] from the annotations, [`Plan`] for the containers,
+//! [`CanaryPlan`] and the [`SlotStore`] for the quota. The patch is the JSON diff between the pod
+//! as received and the pod as edited, so it touches nothing else.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use base64::Engine;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::canary::{CanaryPlan, SlotOutcome, SlotStore};
+use crate::inject::Plan;
+use crate::keys;
+use crate::share::{ShareSpec, read_enabled_replicas};
+
+/// What happened to a pod, for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Shared,
+    Native,
+    Denied,
+    /// Not a pod create, or a pod this webhook already handled.
+    Skipped,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Shared => "shared",
+            Self::Native => "native",
+            Self::Denied => "denied",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// The body is not an AdmissionReview this webhook can answer (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("malformed AdmissionReview: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("malformed AdmissionReview: it has no request")]
+    NoRequest,
+}
+
+/// The webhook's answer for one pod: allowed with an optional JSON patch, or denied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub patch: Option<json_patch::Patch>,
+    pub denial: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<StatusOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct StatusOut<'a> {
+    code: u16,
+    message: &'a str,
+}
+
+/// Decides and patches pods.
+pub struct Admitter<S> {
+    slots: S,
+}
+
+impl<S: SlotStore> Admitter<S> {
+    pub fn new(slots: S) -> Self {
+        Self { slots }
+    }
+
+    pub fn slots(&self) -> &S {
+        &self.slots
+    }
+
+    /// Answers one AdmissionReview body with the response body and the decision.
+    pub async fn review(&self, body: &[u8]) -> Result<(Vec<u8>, Decision), ReviewError> {
+        let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)?;
+        let request: AdmissionRequest<DynamicObject> =
+            review.try_into().map_err(|_| ReviewError::NoRequest)?;
+        let started = Instant::now();
+        let verdict = self.admit(&request).await;
+        metrics::histogram!("tensor_fusion_webhook_admission_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(
+            "tensor_fusion_webhook_admissions_total",
+            "decision" => verdict.decision.as_str()
+        )
+        .increment(1);
+        let patch = match &verdict.patch {
+            Some(patch) => Some(serde_json::to_vec(patch)?),
+            None => None,
+        };
+        let out = ReviewOut {
+            api_version: request.types.api_version.as_str(),
+            kind: "AdmissionReview",
+            response: ResponseOut {
+                uid: &request.uid,
+                allowed: verdict.denial.is_none(),
+                status: verdict
+                    .denial
+                    .as_deref()
+                    .map(|message| StatusOut { code: 403, message }),
+                patch: patch.map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes)),
+                patch_type: verdict.patch.as_ref().map(|_| "JSONPatch"),
+            },
+        };
+        Ok((serde_json::to_vec(&out)?, verdict.decision))
+    }
+
+    /// Decides for one request.
+    pub async fn admit(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
+        let Some(object) = request
+            .object
+            .as_ref()
+            .filter(|_| request.operation == Operation::Create && request.kind.kind == "Pod")
+        else {
+            return Verdict::skipped();
+        };
+        let empty = BTreeMap::new();
+        let annotations = object.metadata.annotations.as_ref().unwrap_or(&empty);
+        if annotations.contains_key(keys::INJECTED) || annotations.contains_key(keys::NATIVE) {
+            return Verdict::skipped();
+        }
+        let pod_key = pod_key(request, object);
+        let pod = match serde_json::to_value(object) {
+            Ok(pod) => pod,
+            Err(error) => return deny(&pod_key, &format!("unreadable pod: {error}")),
+        };
+
+        // Rollback must work even when the other annotations are broken, so `0` is read first.
+        match read_enabled_replicas(annotations) {
+            Ok(Some(0)) => return native(&pod_key, pod, rolled_back_reason()),
+            Ok(_) => {}
+            Err(error) => return deny(&pod_key, &error.to_string()),
+        }
+        let spec = match ShareSpec::from_annotations(annotations) {
+            Ok(spec) => spec,
+            Err(error) => return deny(&pod_key, &error.to_string()),
+        };
+        let plan = match Plan::new(&pod, &spec) {
+            Ok(plan) => plan,
+            Err(error) => return deny(&pod_key, &error.to_string()),
+        };
+
+        let namespace = request
+            .namespace
+            .clone()
+            .or_else(|| object.metadata.namespace.clone())
+            .unwrap_or_else(|| "default".to_owned());
+        let mut annotations_out = vec![(keys::INJECTED, "true".to_owned())];
+        let mut labels_out = Vec::new();
+        match CanaryPlan::for_pod(&object.metadata, spec.enabled_replicas) {
+            CanaryPlan::Unlimited => {}
+            CanaryPlan::RolledBack => return native(&pod_key, pod, rolled_back_reason()),
+            CanaryPlan::NoController => annotations_out.push((
+                keys::CANARY,
+                format!(
+                    "{} not applied: the pod has no controller",
+                    keys::ENABLED_REPLICAS
+                ),
+            )),
+            CanaryPlan::Ordinal { ordinal, limit } if ordinal < limit => {
+                annotations_out.push((keys::CANARY, format!("{}/{limit}", ordinal + 1)));
+            }
+            CanaryPlan::Ordinal { ordinal, limit } => {
+                let reason = format!(
+                    "StatefulSet ordinal {ordinal} is not below {} {limit}",
+                    keys::ENABLED_REPLICAS
+                );
+                return native(&pod_key, pod, reason);
+            }
+            CanaryPlan::Slot { owner, limit } => {
+                let dry_run = request.dry_run;
+                match self.slots.claim(&namespace, &owner, limit, dry_run).await {
+                    Ok(SlotOutcome::Claimed { slot, claim_id }) => {
+                        annotations_out.push((keys::CANARY, format!("{}/{limit}", slot + 1)));
+                        annotations_out.push((keys::CANARY_CLAIM, claim_id));
+                        labels_out.push((keys::CANARY_OWNER_LABEL, owner.uid.clone()));
+                    }
+                    Ok(SlotOutcome::Full { in_use }) => {
+                        let reason = format!("canary quota {in_use}/{limit} in use");
+                        return native(&pod_key, pod, reason);
+                    }
+                    Err(error) => {
+                        warn!(pod = %pod_key, %error, "Canary slot undecided; leaving pod native");
+                        let reason = format!("canary slot could not be checked: {error}");
+                        return native(&pod_key, pod, reason);
+                    }
+                }
+            }
+        }
+
+        let mut edited = pod.clone();
+        let summary = plan.apply(&mut edited, &spec);
+        info!(pod = %pod_key, decision = "shared", injection = %summary, "Pod admitted");
+        annotations_out.insert(1, (keys::INJECTION, summary));
+        set_metadata(&mut edited, "annotations", annotations_out);
+        set_metadata(&mut edited, "labels", labels_out);
+        patched(&pod, &edited, Decision::Shared)
+    }
+}
+
+fn rolled_back_reason() -> String {
+    format!(
+        "{} is 0 (rolled back to native GPUs)",
+        keys::ENABLED_REPLICAS
+    )
+}
+
+fn pod_key(request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> String {
+    let namespace = request.namespace.as_deref().unwrap_or("default");
+    match (&object.metadata.name, &object.metadata.generate_name) {
+        (Some(name), _) if !name.is_empty() => format!("{namespace}/{name}"),
+        (_, Some(prefix)) => format!("{namespace}/{prefix}*"),
+        _ => format!("{namespace}/?"),
+    }
+}
+
+impl Verdict {
+    fn skipped() -> Self {
+        Self {
+            decision: Decision::Skipped,
+            patch: None,
+            denial: None,
+        }
+    }
+}
+
+fn deny(pod_key: &str, message: &str) -> Verdict {
+    info!(pod = %pod_key, decision = "denied", reason = %message, "Pod denied");
+    Verdict {
+        decision: Decision::Denied,
+        patch: None,
+        denial: Some(message.to_owned()),
+    }
+}
+
+fn native(pod_key: &str, pod: Value, reason: String) -> Verdict {
+    info!(pod = %pod_key, decision = "native", reason = %reason, "Pod admitted");
+    let mut edited = pod.clone();
+    set_metadata(&mut edited, "annotations", vec![(keys::NATIVE, reason)]);
+    patched(&pod, &edited, Decision::Native)
+}
+
+fn patched(before: &Value, after: &Value, decision: Decision) -> Verdict {
+    Verdict {
+        decision,
+        patch: Some(json_patch::diff(before, after)),
+        denial: None,
+    }
+}
+
+/// Sets `metadata.<field>.<key>` for each pair, creating the map if needed.
+fn set_metadata(pod: &mut Value, field: &str, pairs: Vec<(&str, String)>) {
+    if pairs.is_empty() {
+        return;
+    }
+    let metadata = &mut pod["metadata"];
+    if !metadata[field].is_object() {
+        metadata[field] = json!({});
+    }
+    for (key, value) in pairs {
+        metadata[field][key] = Value::String(value);
+    }
+}

@@ -1,0 +1,48 @@
+//! Logging and metrics set-up shared by the binaries.
+//!
+//! Logs go to stderr through `tracing`, filtered by `TF_LOG_LEVEL` (an `EnvFilter` directive,
+//! default `info`), as JSON lines when `TF_LOG_FORMAT=json`. Metrics go to one process-wide
+//! Prometheus recorder whose text the ops endpoint renders.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global log subscriber. Safe to call more than once (later calls do nothing).
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_env("TF_LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("TF_LOG_FORMAT").is_ok_and(|format| format == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The process-wide metrics recorder, installed on first use.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".to_owned()),
+                    &[
+                        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+                        0.05, 0.1, 0.25, 0.5, 1.0,
+                    ],
+                )
+                .expect("the bucket list above is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests); then ours renders nothing
+            // recorded elsewhere, which only affects that test process.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
