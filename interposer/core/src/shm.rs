@@ -165,6 +165,7 @@ impl UsageFile {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o666)
             .open(path)
             .map_err(|error| open_error(error.to_string()))?;

@@ -1,1 +1,1016 @@
-//! placeholder
+//! A mock `libcuda.so.1` for tests: the CUDA driver calls the interposer hooks, implemented on
+//! host memory with the driver's error codes and pointer semantics.
+//!
+//! Devices, UUIDs and memory size come from the `TF_MOCK_*` variables (see
+//! `tensor_fusion_mock_gpu_sim::MockGpus`). Device memory is host memory: a device pointer is
+//! a real host address, freeing an unknown pointer is `CUDA_ERROR_INVALID_VALUE`, allocating past
+//! the device's memory is `CUDA_ERROR_OUT_OF_MEMORY`. Kernels do not run; each launch advances
+//! its device's simulated clock by the kernel's simulated time (grid x block threads). Calls
+//! other than `cuInit`/`cuDriverGetVersion`/`cuGetProcAddress*` need `cuInit` first, and memory
+//! and launch calls need a current context, as with the real driver. `tfMock*` functions expose
+//! what the tests check: bytes in use and their peak, simulated busy time, launch counts.
+
+#![allow(non_snake_case, reason = "exported names are the CUDA driver API's")]
+#![allow(
+    clippy::missing_safety_doc,
+    reason = "each export has the pointer contract of the CUDA driver function it mocks"
+)]
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use tensor_fusion_mock_gpu_sim::{MockGpus, kernel_duration_ns, kernel_threads, uuid_bytes};
+
+type CUresult = c_uint;
+type CUdevice = c_int;
+type CUdeviceptr = u64;
+
+const CUDA_SUCCESS: CUresult = 0;
+const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
+const CUDA_ERROR_OUT_OF_MEMORY: CUresult = 2;
+const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
+const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
+const CUDA_ERROR_INVALID_CONTEXT: CUresult = 201;
+const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
+const CUDA_ERROR_NOT_FOUND: CUresult = 500;
+const CUDA_ERROR_UNKNOWN: CUresult = 999;
+
+const SYMBOL_FOUND: c_int = 0;
+const SYMBOL_NOT_FOUND: c_int = 1;
+const VERSION_NOT_SUFFICIENT: c_int = 2;
+
+const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x02;
+const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
+const PER_THREAD_STREAM_FLAG: u64 = 1 << 1;
+
+/// Simulated time a graph launch takes.
+const GRAPH_LAUNCH_NS: u64 = 10_000;
+/// Alignment of every mock allocation, like the driver's 256-byte minimum.
+const ALIGN: usize = 256;
+/// Row alignment of `cuMemAllocPitch_v2`.
+const PITCH_ALIGN: usize = 512;
+
+/// Runs an export body, turning a panic into `CUDA_ERROR_UNKNOWN`: nothing unwinds into C.
+fn guarded(body: impl FnOnce() -> CUresult) -> CUresult {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(CUDA_ERROR_UNKNOWN)
+}
+
+#[derive(Debug)]
+struct Context {
+    device: CUdevice,
+}
+
+struct Block {
+    device: Option<CUdevice>,
+    bytes: usize,
+}
+
+struct Mock {
+    gpus: MockGpus,
+    initialised: AtomicBool,
+    primary: Vec<usize>,
+    blocks: Mutex<HashMap<u64, Block>>,
+    handles: Mutex<HashMap<u64, u64>>,
+    used: Vec<AtomicU64>,
+    peak: Vec<AtomicU64>,
+    busy_ns: Vec<AtomicU64>,
+    host_mapped: AtomicU64,
+    launches: AtomicU64,
+    per_thread_launches: AtomicU64,
+    next_handle: AtomicU64,
+}
+
+fn mock() -> &'static Mock {
+    static MOCK: OnceLock<Mock> = OnceLock::new();
+    MOCK.get_or_init(|| {
+        let gpus = MockGpus::from_env();
+        let count = gpus.gpu_count as usize;
+        let counters = || (0..count).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
+        Mock {
+            gpus,
+            initialised: AtomicBool::new(false),
+            primary: (0..count)
+                .map(|device| {
+                    Box::into_raw(Box::new(Context {
+                        device: device as CUdevice,
+                    })) as usize
+                })
+                .collect(),
+            blocks: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            used: counters(),
+            peak: counters(),
+            busy_ns: counters(),
+            host_mapped: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
+            per_thread_launches: AtomicU64::new(0),
+            next_handle: AtomicU64::new(1),
+        }
+    })
+}
+
+thread_local! {
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Mock {
+    fn ready(&self) -> Result<(), CUresult> {
+        if self.initialised.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(CUDA_ERROR_NOT_INITIALIZED)
+        }
+    }
+
+    fn valid_device(&self, device: CUdevice) -> Result<usize, CUresult> {
+        self.ready()?;
+        usize::try_from(device)
+            .ok()
+            .filter(|&index| index < self.gpus.gpu_count as usize)
+            .ok_or(CUDA_ERROR_INVALID_DEVICE)
+    }
+
+    fn current_device(&self) -> Result<CUdevice, CUresult> {
+        self.ready()?;
+        let context = CURRENT.with(Cell::get);
+        if context == 0 {
+            return Err(CUDA_ERROR_INVALID_CONTEXT);
+        }
+        // SAFETY: non-zero current contexts are leaked `Context` boxes made by this mock.
+        Ok(unsafe { &*(context as *const Context) }.device)
+    }
+
+    fn allocate(&self, device: Option<CUdevice>, bytes: usize) -> Result<u64, CUresult> {
+        if bytes == 0 {
+            return Err(CUDA_ERROR_INVALID_VALUE);
+        }
+        if let Some(device) = device {
+            let index = self.valid_device(device)?;
+            let limit = self.gpus.vram_bytes;
+            self.used[index]
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    used.checked_add(bytes as u64)
+                        .filter(|&total| total <= limit)
+                })
+                .map_err(|_| CUDA_ERROR_OUT_OF_MEMORY)?;
+            let now = self.used[index].load(Ordering::Acquire);
+            self.peak[index].fetch_max(now, Ordering::AcqRel);
+        }
+        let layout = std::alloc::Layout::from_size_align(bytes, ALIGN)
+            .map_err(|_| CUDA_ERROR_INVALID_VALUE)?;
+        // SAFETY: the layout has a non-zero size.
+        let pointer = unsafe { std::alloc::alloc(layout) };
+        if pointer.is_null() {
+            if let Some(index) = device.and_then(|device| usize::try_from(device).ok()) {
+                self.used[index].fetch_sub(bytes as u64, Ordering::AcqRel);
+            }
+            return Err(CUDA_ERROR_OUT_OF_MEMORY);
+        }
+        let address = pointer as u64;
+        lock(&self.blocks).insert(address, Block { device, bytes });
+        Ok(address)
+    }
+
+    fn release(&self, address: u64, want_device: bool) -> Result<(), CUresult> {
+        self.ready()?;
+        let mut blocks = lock(&self.blocks);
+        match blocks.get(&address) {
+            Some(block) if block.device.is_some() == want_device => {}
+            _ => return Err(CUDA_ERROR_INVALID_VALUE),
+        }
+        let block = blocks.remove(&address).ok_or(CUDA_ERROR_INVALID_VALUE)?;
+        drop(blocks);
+        if let Some(index) = block.device.and_then(|device| usize::try_from(device).ok()) {
+            self.used[index].fetch_sub(block.bytes as u64, Ordering::AcqRel);
+        } else {
+            self.host_mapped
+                .fetch_sub(block.bytes as u64, Ordering::AcqRel);
+        }
+        let layout = std::alloc::Layout::from_size_align(block.bytes, ALIGN)
+            .map_err(|_| CUDA_ERROR_UNKNOWN)?;
+        // SAFETY: the address came from `alloc` with this layout and was just removed.
+        unsafe { std::alloc::dealloc(address as *mut u8, layout) };
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        function: *mut c_void,
+        grid: [c_uint; 3],
+        block: [c_uint; 3],
+        per_thread: bool,
+    ) -> Result<(), CUresult> {
+        let device = self.current_device()?;
+        if function.is_null() {
+            return Err(CUDA_ERROR_INVALID_HANDLE);
+        }
+        if grid.contains(&0) || block.contains(&0) {
+            return Err(CUDA_ERROR_INVALID_VALUE);
+        }
+        let duration = kernel_duration_ns(kernel_threads(grid, block), self.gpus.ns_per_kilothread);
+        self.busy_ns[device as usize].fetch_add(duration, Ordering::AcqRel);
+        self.launches.fetch_add(1, Ordering::AcqRel);
+        if per_thread {
+            self.per_thread_launches.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+}
+
+fn status(result: Result<(), CUresult>) -> CUresult {
+    result.err().unwrap_or(CUDA_SUCCESS)
+}
+
+fn write<T>(out: *mut T, value: T) -> Result<(), CUresult> {
+    if out.is_null() {
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    // SAFETY: the caller passed a non-null out-pointer for a T, as the API requires.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    guarded(|| {
+        if flags != 0 {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        mock().initialised.store(true, Ordering::Release);
+        CUDA_SUCCESS
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDriverGetVersion(version: *mut c_int) -> CUresult {
+    guarded(|| status(write(version, 12080)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetCount(count: *mut c_int) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .ready()
+                .and_then(|()| write(count, mock().gpus.gpu_count as c_int)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGet(device: *mut CUdevice, ordinal: c_int) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .valid_device(ordinal)
+                .and_then(|_| write(device, ordinal)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid(uuid: *mut [u8; 16], device: CUdevice) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .valid_device(device)
+                .and_then(|index| write(uuid, uuid_bytes(index as u32))),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetUuid_v2(uuid: *mut [u8; 16], device: CUdevice) -> CUresult {
+    // SAFETY: the same contract as this export.
+    unsafe { cuDeviceGetUuid(uuid, device) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetName(
+    name: *mut c_char,
+    length: c_int,
+    device: CUdevice,
+) -> CUresult {
+    guarded(|| {
+        status(mock().valid_device(device).and_then(|_| {
+            let text = b"TensorFusion Mock GPU\0";
+            let length = usize::try_from(length).map_err(|_| CUDA_ERROR_INVALID_VALUE)?;
+            if name.is_null() || length == 0 {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            let copied = text.len().min(length);
+            // SAFETY: `name` holds `length` bytes; at most that many are written, NUL last.
+            unsafe {
+                std::ptr::copy_nonoverlapping(text.as_ptr().cast(), name, copied);
+                *name.add(copied - 1) = 0;
+            }
+            Ok(())
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetByPCIBusId(
+    device: *mut CUdevice,
+    bus_id: *const c_char,
+) -> CUresult {
+    guarded(|| {
+        status(mock().ready().and_then(|()| {
+            if bus_id.is_null() {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            // SAFETY: a non-null bus id is a NUL-terminated string per the API.
+            let text = unsafe { CStr::from_ptr(bus_id) }.to_string_lossy();
+            let index = (0..mock().gpus.gpu_count)
+                .find(|index| text.eq_ignore_ascii_case(&mock_bus_id(*index)))
+                .ok_or(CUDA_ERROR_INVALID_DEVICE)?;
+            write(device, index as CUdevice)
+        }))
+    })
+}
+
+/// The PCI bus id of mock device `index`: `0000:0N:00.0` with N = index + 1 in hex.
+fn mock_bus_id(index: u32) -> String {
+    format!("0000:{:02x}:00.0", index + 1)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .valid_device(device)
+                .and_then(|_| write(bytes, mock().gpus.vram_bytes as usize)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRetain(
+    context: *mut *mut c_void,
+    device: CUdevice,
+) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .valid_device(device)
+                .and_then(|index| write(context, mock().primary[index] as *mut c_void)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CUresult {
+    guarded(|| status(mock().valid_device(device).map(|_| ())))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxSetCurrent(context: *mut c_void) -> CUresult {
+    guarded(|| {
+        status(mock().ready().map(|()| {
+            CURRENT.with(|current| current.set(context as usize));
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetCurrent(context: *mut *mut c_void) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .ready()
+                .and_then(|()| write(context, CURRENT.with(Cell::get) as *mut c_void)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
+    guarded(|| {
+        status(
+            mock()
+                .current_device()
+                .and_then(|current| write(device, current)),
+        )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
+    guarded(|| {
+        status(mock().current_device().and_then(|device| {
+            let total_bytes = mock().gpus.vram_bytes;
+            let used = mock().used[device as usize].load(Ordering::Acquire);
+            write(free, total_bytes.saturating_sub(used) as usize)?;
+            write(total, total_bytes as usize)
+        }))
+    })
+}
+
+fn device_alloc(out: *mut CUdeviceptr, bytes: usize) -> Result<(), CUresult> {
+    let device = mock().current_device()?;
+    if out.is_null() {
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    let address = mock().allocate(Some(device), bytes)?;
+    write(out, address)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAlloc_v2(out: *mut CUdeviceptr, bytes: usize) -> CUresult {
+    guarded(|| status(device_alloc(out, bytes)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocPitch_v2(
+    out: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    element_bytes: c_uint,
+) -> CUresult {
+    guarded(|| {
+        if ![4, 8, 16].contains(&element_bytes) || width == 0 || height == 0 || pitch.is_null() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        let row = width.div_ceil(PITCH_ALIGN) * PITCH_ALIGN;
+        status(device_alloc(out, row * height).and_then(|()| write(pitch, row)))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocManaged(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    flags: c_uint,
+) -> CUresult {
+    guarded(|| {
+        if flags != 1 && flags != 2 {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        status(device_alloc(out, bytes))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    _stream: *mut c_void,
+) -> CUresult {
+    guarded(|| status(device_alloc(out, bytes)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: the same contract as this export.
+    unsafe { cuMemAllocAsync(out, bytes, stream) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    pool: *mut c_void,
+    _stream: *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        if pool.is_null() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        status(device_alloc(out, bytes))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: the same contract as this export.
+    unsafe { cuMemAllocFromPoolAsync(out, bytes, pool, stream) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFree_v2(address: CUdeviceptr) -> CUresult {
+    guarded(|| status(mock().release(address, true)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeAsync(address: CUdeviceptr, _stream: *mut c_void) -> CUresult {
+    guarded(|| status(mock().release(address, true)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeAsync_ptsz(
+    address: CUdeviceptr,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: the same contract as this export.
+    unsafe { cuMemFreeAsync(address, stream) }
+}
+
+/// The leading fields of `CUmemAllocationProp`, which is all the mock reads.
+#[repr(C)]
+pub struct MemAllocationProp {
+    pub allocation_type: c_int,
+    pub requested_handle_types: c_int,
+    pub location_type: c_int,
+    pub location_id: c_int,
+    pub win32_metadata: *mut c_void,
+    pub alloc_flags: [u8; 8],
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: *const MemAllocationProp,
+    flags: u64,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().ready()?;
+            if prop.is_null() || handle.is_null() || flags != 0 {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            // SAFETY: a non-null prop points at a CUmemAllocationProp per the API.
+            let prop = unsafe { &*prop };
+            let device =
+                (prop.location_type == CU_MEM_LOCATION_TYPE_DEVICE).then_some(prop.location_id);
+            let address = mock().allocate(device, bytes)?;
+            if device.is_none() {
+                mock().host_mapped.fetch_add(bytes as u64, Ordering::AcqRel);
+            }
+            let id = mock().next_handle.fetch_add(1, Ordering::AcqRel);
+            lock(&mock().handles).insert(id, address);
+            write(handle, id)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemRelease(handle: u64) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().ready()?;
+            let address = lock(&mock().handles)
+                .remove(&handle)
+                .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+            let on_device = lock(&mock().blocks)
+                .get(&address)
+                .is_some_and(|block| block.device.is_some());
+            mock().release(address, on_device)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemHostAlloc(
+    out: *mut *mut c_void,
+    bytes: usize,
+    flags: c_uint,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().current_device()?;
+            if out.is_null() || flags & !0x07 != 0 {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            let address = mock().allocate(None, bytes)?;
+            mock().host_mapped.fetch_add(bytes as u64, Ordering::AcqRel);
+            if flags & CU_MEMHOSTALLOC_DEVICEMAP == 0 {
+                // Still host memory; the mock maps every host allocation (as with UVA).
+            }
+            write(out, address as *mut c_void)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemHostGetDevicePointer_v2(
+    out: *mut CUdeviceptr,
+    host: *mut c_void,
+    flags: c_uint,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().current_device()?;
+            if flags != 0 {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            let known = lock(&mock().blocks)
+                .get(&(host as u64))
+                .is_some_and(|block| block.device.is_none());
+            if !known {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            write(out, host as u64)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemFreeHost(host: *mut c_void) -> CUresult {
+    guarded(|| status(mock().release(host as u64, false)))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernel(
+    function: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared_bytes: c_uint,
+    _stream: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().launch(
+            function,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            false,
+        ))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernel_ptsz(
+    function: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared_bytes: c_uint,
+    _stream: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().launch(
+            function,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            true,
+        ))
+    })
+}
+
+/// `CUlaunchConfig`.
+#[repr(C)]
+pub struct LaunchConfig {
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shared_bytes: c_uint,
+    pub stream: *mut c_void,
+    pub attributes: *mut c_void,
+    pub attribute_count: c_uint,
+}
+
+fn launch_ex(config: *const LaunchConfig, function: *mut c_void, per_thread: bool) -> CUresult {
+    guarded(|| {
+        if config.is_null() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        // SAFETY: a non-null config points at a CUlaunchConfig per the API.
+        let config = unsafe { &*config };
+        status(mock().launch(function, config.grid, config.block, per_thread))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx(
+    config: *const LaunchConfig,
+    function: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch_ex(config, function, false)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchKernelEx_ptsz(
+    config: *const LaunchConfig,
+    function: *mut c_void,
+    _params: *mut *mut c_void,
+    _extra: *mut *mut c_void,
+) -> CUresult {
+    launch_ex(config, function, true)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel(
+    function: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared_bytes: c_uint,
+    _stream: *mut c_void,
+    _params: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().launch(
+            function,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            false,
+        ))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
+    function: *mut c_void,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    _shared_bytes: c_uint,
+    _stream: *mut c_void,
+    _params: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().launch(
+            function,
+            [grid_x, grid_y, grid_z],
+            [block_x, block_y, block_z],
+            true,
+        ))
+    })
+}
+
+fn graph_launch(exec: *mut c_void, per_thread: bool) -> CUresult {
+    guarded(|| {
+        status((|| {
+            let device = mock().current_device()?;
+            if exec.is_null() {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            mock().busy_ns[device as usize].fetch_add(GRAPH_LAUNCH_NS, Ordering::AcqRel);
+            mock().launches.fetch_add(1, Ordering::AcqRel);
+            if per_thread {
+                mock().per_thread_launches.fetch_add(1, Ordering::AcqRel);
+            }
+            Ok(())
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+    graph_launch(exec, false)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, _stream: *mut c_void) -> CUresult {
+    graph_launch(exec, true)
+}
+
+/// The mock's own rule for `cuGetProcAddress`: `(first version, exported name)` per base name,
+/// and whether a `_ptsz` variant exists.
+/// `(first CUDA version, exported name)` pairs, oldest first, and the `_ptsz` variant.
+type Variants = (&'static [(c_int, &'static str)], Option<&'static str>);
+
+fn proc_variants(base: &str) -> Option<Variants> {
+    Some(match base {
+        "cuInit" => (&[(2000, "cuInit")], None),
+        "cuDriverGetVersion" => (&[(2020, "cuDriverGetVersion")], None),
+        "cuDeviceGetCount" => (&[(2000, "cuDeviceGetCount")], None),
+        "cuDeviceGet" => (&[(2000, "cuDeviceGet")], None),
+        "cuDeviceGetName" => (&[(2000, "cuDeviceGetName")], None),
+        "cuDeviceGetByPCIBusId" => (&[(4010, "cuDeviceGetByPCIBusId")], None),
+        "cuDeviceGetUuid" => (
+            &[(9020, "cuDeviceGetUuid"), (11040, "cuDeviceGetUuid_v2")],
+            None,
+        ),
+        "cuDeviceTotalMem" => (&[(3020, "cuDeviceTotalMem_v2")], None),
+        "cuDevicePrimaryCtxRetain" => (&[(7000, "cuDevicePrimaryCtxRetain")], None),
+        "cuDevicePrimaryCtxRelease" => (&[(11000, "cuDevicePrimaryCtxRelease_v2")], None),
+        "cuCtxSetCurrent" => (&[(4000, "cuCtxSetCurrent")], None),
+        "cuCtxGetCurrent" => (&[(4000, "cuCtxGetCurrent")], None),
+        "cuCtxGetDevice" => (&[(2000, "cuCtxGetDevice")], None),
+        "cuMemGetInfo" => (&[(3020, "cuMemGetInfo_v2")], None),
+        "cuMemAlloc" => (&[(3020, "cuMemAlloc_v2")], None),
+        "cuMemAllocPitch" => (&[(3020, "cuMemAllocPitch_v2")], None),
+        "cuMemAllocManaged" => (&[(6000, "cuMemAllocManaged")], None),
+        "cuMemAllocAsync" => (&[(11020, "cuMemAllocAsync")], Some("cuMemAllocAsync_ptsz")),
+        "cuMemAllocFromPoolAsync" => (
+            &[(11020, "cuMemAllocFromPoolAsync")],
+            Some("cuMemAllocFromPoolAsync_ptsz"),
+        ),
+        "cuMemFree" => (&[(3020, "cuMemFree_v2")], None),
+        "cuMemFreeAsync" => (&[(11020, "cuMemFreeAsync")], Some("cuMemFreeAsync_ptsz")),
+        "cuMemCreate" => (&[(10020, "cuMemCreate")], None),
+        "cuMemRelease" => (&[(10020, "cuMemRelease")], None),
+        "cuMemHostAlloc" => (&[(2020, "cuMemHostAlloc")], None),
+        "cuMemHostGetDevicePointer" => (&[(3020, "cuMemHostGetDevicePointer_v2")], None),
+        "cuMemFreeHost" => (&[(2000, "cuMemFreeHost")], None),
+        "cuLaunchKernel" => (&[(4000, "cuLaunchKernel")], Some("cuLaunchKernel_ptsz")),
+        "cuLaunchKernelEx" => (
+            &[(11060, "cuLaunchKernelEx")],
+            Some("cuLaunchKernelEx_ptsz"),
+        ),
+        "cuLaunchCooperativeKernel" => (
+            &[(9000, "cuLaunchCooperativeKernel")],
+            Some("cuLaunchCooperativeKernel_ptsz"),
+        ),
+        "cuGraphLaunch" => (&[(10000, "cuGraphLaunch")], Some("cuGraphLaunch_ptsz")),
+        "cuGetProcAddress" => (
+            &[(11030, "cuGetProcAddress"), (12000, "cuGetProcAddress_v2")],
+            None,
+        ),
+        _ => return None,
+    })
+}
+
+/// Addresses of the mock's exports by name, for `cuGetProcAddress`.
+fn export_address(name: &str) -> Option<*mut c_void> {
+    let address = match name {
+        "cuInit" => cuInit as *const () as usize,
+        "cuDriverGetVersion" => cuDriverGetVersion as *const () as usize,
+        "cuDeviceGetCount" => cuDeviceGetCount as *const () as usize,
+        "cuDeviceGet" => cuDeviceGet as *const () as usize,
+        "cuDeviceGetName" => cuDeviceGetName as *const () as usize,
+        "cuDeviceGetByPCIBusId" => cuDeviceGetByPCIBusId as *const () as usize,
+        "cuDeviceGetUuid" => cuDeviceGetUuid as *const () as usize,
+        "cuDeviceGetUuid_v2" => cuDeviceGetUuid_v2 as *const () as usize,
+        "cuDeviceTotalMem_v2" => cuDeviceTotalMem_v2 as *const () as usize,
+        "cuDevicePrimaryCtxRetain" => cuDevicePrimaryCtxRetain as *const () as usize,
+        "cuDevicePrimaryCtxRelease_v2" => cuDevicePrimaryCtxRelease_v2 as *const () as usize,
+        "cuCtxSetCurrent" => cuCtxSetCurrent as *const () as usize,
+        "cuCtxGetCurrent" => cuCtxGetCurrent as *const () as usize,
+        "cuCtxGetDevice" => cuCtxGetDevice as *const () as usize,
+        "cuMemGetInfo_v2" => cuMemGetInfo_v2 as *const () as usize,
+        "cuMemAlloc_v2" => cuMemAlloc_v2 as *const () as usize,
+        "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *const () as usize,
+        "cuMemAllocManaged" => cuMemAllocManaged as *const () as usize,
+        "cuMemAllocAsync" => cuMemAllocAsync as *const () as usize,
+        "cuMemAllocAsync_ptsz" => cuMemAllocAsync_ptsz as *const () as usize,
+        "cuMemAllocFromPoolAsync" => cuMemAllocFromPoolAsync as *const () as usize,
+        "cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync_ptsz as *const () as usize,
+        "cuMemFree_v2" => cuMemFree_v2 as *const () as usize,
+        "cuMemFreeAsync" => cuMemFreeAsync as *const () as usize,
+        "cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *const () as usize,
+        "cuMemCreate" => cuMemCreate as *const () as usize,
+        "cuMemRelease" => cuMemRelease as *const () as usize,
+        "cuMemHostAlloc" => cuMemHostAlloc as *const () as usize,
+        "cuMemHostGetDevicePointer_v2" => cuMemHostGetDevicePointer_v2 as *const () as usize,
+        "cuMemFreeHost" => cuMemFreeHost as *const () as usize,
+        "cuLaunchKernel" => cuLaunchKernel as *const () as usize,
+        "cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as *const () as usize,
+        "cuLaunchKernelEx" => cuLaunchKernelEx as *const () as usize,
+        "cuLaunchKernelEx_ptsz" => cuLaunchKernelEx_ptsz as *const () as usize,
+        "cuLaunchCooperativeKernel" => cuLaunchCooperativeKernel as *const () as usize,
+        "cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as *const () as usize,
+        "cuGraphLaunch" => cuGraphLaunch as *const () as usize,
+        "cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const () as usize,
+        "cuGetProcAddress" => cuGetProcAddress as *const () as usize,
+        "cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const () as usize,
+        _ => return None,
+    };
+    Some(address as *mut c_void)
+}
+
+fn get_proc_address(
+    symbol: *const c_char,
+    out: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> CUresult {
+    guarded(|| {
+        let report = |code: c_int| {
+            if !symbol_status.is_null() {
+                // SAFETY: a non-null status points at a CUdriverProcAddressQueryResult.
+                unsafe { symbol_status.write(code) };
+            }
+        };
+        if symbol.is_null() || out.is_null() {
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        // SAFETY: out is non-null and points at a function pointer slot.
+        unsafe { out.write(std::ptr::null_mut()) };
+        // SAFETY: a non-null symbol is a NUL-terminated name per the API.
+        let name = unsafe { CStr::from_ptr(symbol) }.to_string_lossy();
+        let Some((versions, per_thread)) = proc_variants(&name) else {
+            report(SYMBOL_NOT_FOUND);
+            return CUDA_ERROR_NOT_FOUND;
+        };
+        let Some((_, versioned)) = versions
+            .iter()
+            .rev()
+            .find(|(since, _)| cuda_version >= *since)
+        else {
+            report(VERSION_NOT_SUFFICIENT);
+            return CUDA_ERROR_NOT_FOUND;
+        };
+        let chosen = match per_thread {
+            Some(per_thread) if flags & PER_THREAD_STREAM_FLAG != 0 => per_thread,
+            _ => versioned,
+        };
+        match export_address(chosen) {
+            Some(address) => {
+                // SAFETY: out is non-null (checked above).
+                unsafe { out.write(address) };
+                report(SYMBOL_FOUND);
+                CUDA_SUCCESS
+            }
+            None => {
+                report(SYMBOL_NOT_FOUND);
+                CUDA_ERROR_NOT_FOUND
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    out: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+) -> CUresult {
+    get_proc_address(symbol, out, cuda_version, flags, std::ptr::null_mut())
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    out: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> CUresult {
+    get_proc_address(symbol, out, cuda_version, flags, symbol_status)
+}
+
+fn device_counter(counters: &[AtomicU64], device: c_int) -> u64 {
+    usize::try_from(device)
+        .ok()
+        .and_then(|index| counters.get(index))
+        .map_or(0, |counter| counter.load(Ordering::Acquire))
+}
+
+/// Test introspection: device bytes the mock holds on `device` now.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockDeviceUsedBytes(device: c_int) -> u64 {
+    std::panic::catch_unwind(|| device_counter(&mock().used, device)).unwrap_or(0)
+}
+
+/// Test introspection: the most device bytes the mock ever held on `device` at once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockDevicePeakBytes(device: c_int) -> u64 {
+    std::panic::catch_unwind(|| device_counter(&mock().peak, device)).unwrap_or(0)
+}
+
+/// Test introspection: simulated nanoseconds `device` spent running kernels.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockGpuBusyNs(device: c_int) -> u64 {
+    std::panic::catch_unwind(|| device_counter(&mock().busy_ns, device)).unwrap_or(0)
+}
+
+/// Test introspection: host bytes currently allocated through the mock (pinned or VMM host).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockHostMappedBytes() -> u64 {
+    std::panic::catch_unwind(|| mock().host_mapped.load(Ordering::Acquire)).unwrap_or(0)
+}
+
+/// Test introspection: launches of any kind, and those through `_ptsz` variants.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockLaunches(per_thread_only: c_int) -> u64 {
+    std::panic::catch_unwind(|| {
+        if per_thread_only != 0 {
+            mock().per_thread_launches.load(Ordering::Acquire)
+        } else {
+            mock().launches.load(Ordering::Acquire)
+        }
+    })
+    .unwrap_or(0)
+}

@@ -1,1 +1,297 @@
-//! placeholder
+//! A mock `libnvidia-ml.so.1` for tests: the NVML calls the interposer hooks (device count,
+//! handles by index and UUID, UUIDs, memory info), for the same GPUs as the mock `libcuda.so.1`.
+//!
+//! It reports every GPU's full memory as free; the interposer replaces total, used and free
+//! with the container's slice, which is what the tests check. Calls before `nvmlInit` return
+//! `NVML_ERROR_UNINITIALIZED`, as NVML does.
+
+#![allow(non_snake_case, reason = "exported names are NVML's")]
+
+use std::ffi::{CStr, c_char, c_uint, c_void};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tensor_fusion_mock_gpu_sim::{MockGpus, uuid_string};
+
+type NvmlReturn = c_uint;
+
+const NVML_SUCCESS: NvmlReturn = 0;
+const NVML_ERROR_UNINITIALIZED: NvmlReturn = 1;
+const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
+const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
+const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
+
+/// `nvmlMemory_v2` version word: struct size | 2 << 24.
+const MEMORY_V2_VERSION: c_uint = (std::mem::size_of::<MemoryV2>() as c_uint) | (2 << 24);
+
+/// `nvmlMemory_t`.
+#[repr(C)]
+pub struct Memory {
+    pub total: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// `nvmlMemory_v2_t`.
+#[repr(C)]
+pub struct MemoryV2 {
+    pub version: c_uint,
+    pub total: u64,
+    pub reserved: u64,
+    pub free: u64,
+    pub used: u64,
+}
+
+/// What an `nvmlDevice_t` points at in the mock.
+pub struct Device {
+    index: u32,
+    uuid: String,
+}
+
+struct Nvml {
+    gpus: MockGpus,
+    devices: Vec<Device>,
+    initialised: AtomicBool,
+}
+
+fn nvml() -> &'static Nvml {
+    static NVML: OnceLock<Nvml> = OnceLock::new();
+    NVML.get_or_init(|| {
+        let gpus = MockGpus::from_env();
+        Nvml {
+            gpus,
+            devices: (0..gpus.gpu_count)
+                .map(|index| Device {
+                    index,
+                    uuid: uuid_string(index),
+                })
+                .collect(),
+            initialised: AtomicBool::new(false),
+        }
+    })
+}
+
+fn guarded(body: impl FnOnce() -> Result<(), NvmlReturn>) -> NvmlReturn {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body))
+        .unwrap_or(Err(NVML_ERROR_UNKNOWN))
+        .err()
+        .unwrap_or(NVML_SUCCESS)
+}
+
+fn ready() -> Result<&'static Nvml, NvmlReturn> {
+    let nvml = nvml();
+    if nvml.initialised.load(Ordering::Acquire) {
+        Ok(nvml)
+    } else {
+        Err(NVML_ERROR_UNINITIALIZED)
+    }
+}
+
+fn write<T>(out: *mut T, value: T) -> Result<(), NvmlReturn> {
+    if out.is_null() {
+        return Err(NVML_ERROR_INVALID_ARGUMENT);
+    }
+    // SAFETY: non-null out-pointers point at a T, as the API requires.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+fn device_of(handle: *mut c_void) -> Result<&'static Device, NvmlReturn> {
+    let nvml = ready()?;
+    nvml.devices
+        .iter()
+        .find(|device| std::ptr::eq(*device as *const Device, handle as *const Device))
+        .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+}
+
+/// # Safety
+/// Callable from C at any time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInit_v2() -> NvmlReturn {
+    guarded(|| {
+        nvml().initialised.store(true, Ordering::Release);
+        Ok(())
+    })
+}
+
+/// # Safety
+/// Callable from C at any time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlInit() -> NvmlReturn {
+    // SAFETY: same contract.
+    unsafe { nvmlInit_v2() }
+}
+
+/// # Safety
+/// Callable from C at any time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlShutdown() -> NvmlReturn {
+    guarded(|| {
+        ready()?;
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `count` must be null or point at a writable `unsigned int`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
+    guarded(|| write(count, ready()?.gpus.gpu_count))
+}
+
+/// # Safety
+/// As [`nvmlDeviceGetCount_v2`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetCount(count: *mut c_uint) -> NvmlReturn {
+    // SAFETY: same contract.
+    unsafe { nvmlDeviceGetCount_v2(count) }
+}
+
+/// # Safety
+/// `handle` must be null or point at a writable `nvmlDevice_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
+    index: c_uint,
+    handle: *mut *mut c_void,
+) -> NvmlReturn {
+    guarded(|| {
+        let device = ready()?
+            .devices
+            .get(index as usize)
+            .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
+        write(handle, device as *const Device as *mut c_void)
+    })
+}
+
+/// # Safety
+/// As [`nvmlDeviceGetHandleByIndex_v2`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex(
+    index: c_uint,
+    handle: *mut *mut c_void,
+) -> NvmlReturn {
+    // SAFETY: same contract.
+    unsafe { nvmlDeviceGetHandleByIndex_v2(index, handle) }
+}
+
+/// # Safety
+/// `uuid` must be null or a NUL-terminated string; `handle` null or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
+    uuid: *const c_char,
+    handle: *mut *mut c_void,
+) -> NvmlReturn {
+    guarded(|| {
+        if uuid.is_null() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        // SAFETY: a non-null uuid is NUL-terminated per the contract.
+        let wanted = unsafe { CStr::from_ptr(uuid) }.to_string_lossy();
+        let device = ready()?
+            .devices
+            .iter()
+            .find(|device| device.uuid == wanted)
+            .ok_or(NVML_ERROR_NOT_FOUND)?;
+        write(handle, device as *const Device as *mut c_void)
+    })
+}
+
+/// # Safety
+/// `uuid` must be null or hold `length` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetUUID(
+    handle: *mut c_void,
+    uuid: *mut c_char,
+    length: c_uint,
+) -> NvmlReturn {
+    guarded(|| {
+        let device = device_of(handle)?;
+        if uuid.is_null() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let text = device.uuid.as_bytes();
+        if (length as usize) < text.len() + 1 {
+            return Err(NVML_ERROR_INSUFFICIENT_SIZE);
+        }
+        // SAFETY: `uuid` holds `length` bytes, enough for the text and its NUL (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr().cast(), uuid, text.len());
+            *uuid.add(text.len()) = 0;
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// `index` must be null or point at a writable `unsigned int`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetIndex(handle: *mut c_void, index: *mut c_uint) -> NvmlReturn {
+    guarded(|| write(index, device_of(handle)?.index))
+}
+
+/// # Safety
+/// `memory` must be null or point at a writable `nvmlMemory_t`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
+    handle: *mut c_void,
+    memory: *mut Memory,
+) -> NvmlReturn {
+    guarded(|| {
+        device_of(handle)?;
+        let total = nvml().gpus.vram_bytes;
+        write(
+            memory,
+            Memory {
+                total,
+                free: total,
+                used: 0,
+            },
+        )
+    })
+}
+
+/// # Safety
+/// `memory` must be null or point at a writable `nvmlMemory_v2_t` with its version set.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
+    handle: *mut c_void,
+    memory: *mut MemoryV2,
+) -> NvmlReturn {
+    guarded(|| {
+        device_of(handle)?;
+        if memory.is_null() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        // SAFETY: non-null, points at an nvmlMemory_v2_t per the contract.
+        if unsafe { (*memory).version } != MEMORY_V2_VERSION {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let total = nvml().gpus.vram_bytes;
+        write(
+            memory,
+            MemoryV2 {
+                version: MEMORY_V2_VERSION,
+                total,
+                reserved: 0,
+                free: total,
+                used: 0,
+            },
+        )
+    })
+}
+
+/// # Safety
+/// Callable from C at any time.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlErrorString(result: NvmlReturn) -> *const c_char {
+    let text: &'static CStr = match result {
+        NVML_SUCCESS => c"Success",
+        NVML_ERROR_UNINITIALIZED => c"Uninitialized",
+        NVML_ERROR_INVALID_ARGUMENT => c"Invalid Argument",
+        NVML_ERROR_NOT_FOUND => c"Not Found",
+        NVML_ERROR_INSUFFICIENT_SIZE => c"Insufficient Size",
+        _ => c"Unknown Error",
+    };
+    text.as_ptr()
+}

@@ -1,0 +1,475 @@
+//! The exported CUDA driver functions and the table that maps names and real addresses to them.
+//!
+//! Each export runs through [`guard::hooked`]: re-entrant calls and calls before `cuInit`
+//! reached the interposer go straight to the real driver. `cuGetProcAddress(_v2)` forwards the
+//! request, then swaps the returned pointer for the hook of the same variant: first by matching
+//! it against the real addresses of the hooked exports, else by the variant table
+//! (name, cudaVersion, flags); names the interposer does not hook are never touched.
+
+#![allow(non_snake_case, reason = "exported names are the CUDA driver API's")]
+#![allow(
+    clippy::missing_safety_doc,
+    reason = "each export has the pointer contract of the CUDA driver function it stands for"
+)]
+#![allow(
+    clippy::too_many_arguments,
+    reason = "launch signatures are the CUDA driver API's"
+)]
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+
+use tensor_fusion_interposer_core::limiter::{GRAPH_LAUNCH_COST, launch_cost};
+use tensor_fusion_interposer_core::variants;
+
+use crate::cuda::{
+    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_UNKNOWN, CUDA_SUCCESS,
+    CUdevice, CUdeviceptr, CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult, CUstream,
+    CUuuid, c_name, call_real, read_out, write_out,
+};
+use crate::dlsym::lookup_real;
+use crate::guard::hooked;
+use crate::launch::throttle;
+use crate::memory::{self, Spill};
+use crate::runtime::{activate, active};
+
+/// Defines an export: `$real` is the real call with the same arguments, `$active` the state
+/// once `cuInit` went through the interposer; without it the call goes to the driver as is.
+macro_rules! export {
+    ($name:ident($($arg:ident: $ty:ty),* $(,)?) => |$active:ident, $real:ident| $body:expr) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> CUresult {
+            let $real = || call_real!($name($($arg),*));
+            hooked(
+                stringify!($name),
+                CUDA_ERROR_UNKNOWN,
+                || match active() {
+                    Some($active) => $body,
+                    None => $real(),
+                },
+                $real,
+            )
+        }
+    };
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
+    let real = || call_real!(cuInit(flags));
+    hooked(
+        "cuInit",
+        CUDA_ERROR_UNKNOWN,
+        || {
+            let result = real();
+            if result != CUDA_SUCCESS {
+                return result;
+            }
+            activate()
+        },
+        real,
+    )
+}
+
+export!(cuDeviceGetCount(count: *mut c_int) => |active, real| {
+    let result = real();
+    if result == CUDA_SUCCESS {
+        write_out(count, active.devices.len() as c_int);
+    }
+    result
+});
+
+export!(cuDeviceGet(device: *mut CUdevice, ordinal: c_int) => |active, _real| {
+    match usize::try_from(ordinal).ok().and_then(|index| active.devices.get(index)) {
+        Some(visible) => call_real!(cuDeviceGet(device, visible.real_ordinal)),
+        None => CUDA_ERROR_INVALID_DEVICE,
+    }
+});
+
+export!(cuDeviceGetByPCIBusId(device: *mut CUdevice, bus_id: *const c_char) => |active, real| {
+    let result = real();
+    match read_out(device) {
+        Some(found) if result == CUDA_SUCCESS && active.index_of(found).is_none() => {
+            CUDA_ERROR_INVALID_DEVICE
+        }
+        _ => result,
+    }
+});
+
+export!(cuDeviceGetUuid(uuid: *mut CUuuid, device: CUdevice) => |active, real| {
+    if active.index_of(device).is_none() {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    real()
+});
+
+export!(cuDeviceGetUuid_v2(uuid: *mut CUuuid, device: CUdevice) => |active, real| {
+    if active.index_of(device).is_none() {
+        return CUDA_ERROR_INVALID_DEVICE;
+    }
+    real()
+});
+
+export!(cuDeviceTotalMem_v2(bytes: *mut usize, device: CUdevice) => |active, real| {
+    let result = real();
+    if result == CUDA_SUCCESS
+        && let (Some(index), Some(total)) = (active.index_of(device), read_out(bytes))
+    {
+        let limit = active.runtime.usage.vram_limit(index);
+        write_out(bytes, (total as u64).min(limit) as usize);
+    }
+    result
+});
+
+export!(cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => |active, _real| {
+    memory::memory_info(active, free, total)
+});
+
+export!(cuMemAlloc_v2(out: *mut CUdeviceptr, bytes: usize) => |active, real| {
+    memory::charged_alloc(active, "cuMemAlloc_v2", out, bytes, Spill::Allowed, real)
+});
+
+export!(cuMemAllocPitch_v2(
+    out: *mut CUdeviceptr,
+    pitch: *mut usize,
+    width: usize,
+    height: usize,
+    element_bytes: c_uint,
+) => |active, _real| {
+    memory::pitch_alloc(active, out, pitch, width, height, element_bytes)
+});
+
+export!(cuMemAllocManaged(out: *mut CUdeviceptr, bytes: usize, flags: c_uint) => |active, real| {
+    memory::charged_alloc(active, "cuMemAllocManaged", out, bytes, Spill::Never, real)
+});
+
+export!(cuMemAllocAsync(out: *mut CUdeviceptr, bytes: usize, stream: CUstream) => |active, real| {
+    memory::charged_alloc(active, "cuMemAllocAsync", out, bytes, Spill::Never, real)
+});
+
+export!(cuMemAllocAsync_ptsz(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    stream: CUstream,
+) => |active, real| {
+    memory::charged_alloc(active, "cuMemAllocAsync_ptsz", out, bytes, Spill::Never, real)
+});
+
+export!(cuMemAllocFromPoolAsync(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: CUstream,
+) => |active, real| {
+    memory::charged_alloc(active, "cuMemAllocFromPoolAsync", out, bytes, Spill::Never, real)
+});
+
+export!(cuMemAllocFromPoolAsync_ptsz(
+    out: *mut CUdeviceptr,
+    bytes: usize,
+    pool: *mut c_void,
+    stream: CUstream,
+) => |active, real| {
+    memory::charged_alloc(active, "cuMemAllocFromPoolAsync_ptsz", out, bytes, Spill::Never, real)
+});
+
+export!(cuMemFree_v2(address: CUdeviceptr) => |active, real| {
+    memory::charged_free(active, address, real)
+});
+
+export!(cuMemFreeAsync(address: CUdeviceptr, stream: CUstream) => |active, real| {
+    memory::charged_free(active, address, real)
+});
+
+export!(cuMemFreeAsync_ptsz(address: CUdeviceptr, stream: CUstream) => |active, real| {
+    memory::charged_free(active, address, real)
+});
+
+export!(cuMemCreate(
+    handle: *mut u64,
+    bytes: usize,
+    prop: *const CUmemAllocationProp,
+    flags: u64,
+) => |active, _real| {
+    memory::vmm_create(active, handle, bytes, prop, flags)
+});
+
+export!(cuMemRelease(handle: u64) => |active, _real| {
+    memory::vmm_release(active, handle)
+});
+
+export!(cuLaunchKernel(
+    function: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_bytes: c_uint,
+    stream: CUstream,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) => |active, real| {
+    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    real()
+});
+
+export!(cuLaunchKernel_ptsz(
+    function: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_bytes: c_uint,
+    stream: CUstream,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) => |active, real| {
+    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    real()
+});
+
+fn config_cost(config: *const CUlaunchConfig) -> Option<u64> {
+    if config.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null config points at a CUlaunchConfig, per the API.
+    let config = unsafe { &*config };
+    Some(launch_cost(config.grid, config.block))
+}
+
+export!(cuLaunchKernelEx(
+    config: *const CUlaunchConfig,
+    function: CUfunction,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) => |active, real| {
+    let Some(cost) = config_cost(config) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    throttle(active, cost);
+    real()
+});
+
+export!(cuLaunchKernelEx_ptsz(
+    config: *const CUlaunchConfig,
+    function: CUfunction,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) => |active, real| {
+    let Some(cost) = config_cost(config) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    throttle(active, cost);
+    real()
+});
+
+export!(cuLaunchCooperativeKernel(
+    function: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_bytes: c_uint,
+    stream: CUstream,
+    params: *mut *mut c_void,
+) => |active, real| {
+    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    real()
+});
+
+export!(cuLaunchCooperativeKernel_ptsz(
+    function: CUfunction,
+    grid_x: c_uint,
+    grid_y: c_uint,
+    grid_z: c_uint,
+    block_x: c_uint,
+    block_y: c_uint,
+    block_z: c_uint,
+    shared_bytes: c_uint,
+    stream: CUstream,
+    params: *mut *mut c_void,
+) => |active, real| {
+    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    real()
+});
+
+export!(cuGraphLaunch(exec: *mut c_void, stream: CUstream) => |active, real| {
+    throttle(active, GRAPH_LAUNCH_COST);
+    real()
+});
+
+export!(cuGraphLaunch_ptsz(exec: *mut c_void, stream: CUstream) => |active, real| {
+    throttle(active, GRAPH_LAUNCH_COST);
+    real()
+});
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress(
+    symbol: *const c_char,
+    out: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+) -> CUresult {
+    let real = || call_real!(cuGetProcAddress(symbol, out, cuda_version, flags));
+    hooked(
+        "cuGetProcAddress",
+        CUDA_ERROR_UNKNOWN,
+        || {
+            let result = real();
+            if result == CUDA_SUCCESS {
+                substitute(symbol, out, cuda_version, flags);
+            }
+            result
+        },
+        real,
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuGetProcAddress_v2(
+    symbol: *const c_char,
+    out: *mut *mut c_void,
+    cuda_version: c_int,
+    flags: u64,
+    symbol_status: *mut c_int,
+) -> CUresult {
+    let real = || {
+        call_real!(cuGetProcAddress_v2(
+            symbol,
+            out,
+            cuda_version,
+            flags,
+            symbol_status
+        ))
+    };
+    hooked(
+        "cuGetProcAddress_v2",
+        CUDA_ERROR_UNKNOWN,
+        || {
+            let result = real();
+            if result == CUDA_SUCCESS {
+                substitute(symbol, out, cuda_version, flags);
+            }
+            result
+        },
+        real,
+    )
+}
+
+/// Replaces the real function pointer the driver wrote to `out` with the hook of the same
+/// variant, if the interposer hooks it.
+fn substitute(symbol: *const c_char, out: *mut *mut c_void, cuda_version: c_int, flags: u64) {
+    let Some(returned) = read_out(out).filter(|pointer| !pointer.is_null()) else {
+        return;
+    };
+    let by_address = real_to_hook()
+        .iter()
+        .find(|(real, _)| *real == returned as usize)
+        .map(|(_, hook)| *hook);
+    let hook = by_address.or_else(|| {
+        let name = c_name(symbol)?;
+        let variant = variants::resolve(name, cuda_version, flags)?;
+        hook_address(variant.as_bytes())
+    });
+    if let Some(hook) = hook {
+        write_out(out, hook as *mut c_void);
+    }
+}
+
+/// `(real address, hook address)` for every hooked export the real driver has.
+fn real_to_hook() -> &'static [(usize, usize)] {
+    static TABLE: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let Some(driver) = crate::cuda::real() else {
+            return Vec::new();
+        };
+        HOOKED
+            .iter()
+            .filter_map(|name| {
+                let symbol = format!("{name}\0");
+                // SAFETY: the name ends in NUL and the result is read as a plain address.
+                let real: Option<unsafe extern "C" fn()> =
+                    unsafe { lookup_real(driver.handle as *mut c_void, &symbol) };
+                let real = real? as *const () as usize;
+                Some((real, hook_address(name.as_bytes())?))
+            })
+            .collect()
+    })
+}
+
+/// Every exported CUDA function the interposer hooks.
+pub const HOOKED: &[&str] = &[
+    "cuInit",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetByPCIBusId",
+    "cuDeviceGetUuid",
+    "cuDeviceGetUuid_v2",
+    "cuDeviceTotalMem_v2",
+    "cuMemGetInfo_v2",
+    "cuMemAlloc_v2",
+    "cuMemAllocPitch_v2",
+    "cuMemAllocManaged",
+    "cuMemAllocAsync",
+    "cuMemAllocAsync_ptsz",
+    "cuMemAllocFromPoolAsync",
+    "cuMemAllocFromPoolAsync_ptsz",
+    "cuMemFree_v2",
+    "cuMemFreeAsync",
+    "cuMemFreeAsync_ptsz",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuLaunchKernel",
+    "cuLaunchKernel_ptsz",
+    "cuLaunchKernelEx",
+    "cuLaunchKernelEx_ptsz",
+    "cuLaunchCooperativeKernel",
+    "cuLaunchCooperativeKernel_ptsz",
+    "cuGraphLaunch",
+    "cuGraphLaunch_ptsz",
+    "cuGetProcAddress",
+    "cuGetProcAddress_v2",
+];
+
+/// Address of the hook exported under exactly `name`.
+pub fn hook_address(name: &[u8]) -> Option<usize> {
+    let address = match name {
+        b"cuInit" => cuInit as *const (),
+        b"cuDeviceGetCount" => cuDeviceGetCount as *const (),
+        b"cuDeviceGet" => cuDeviceGet as *const (),
+        b"cuDeviceGetByPCIBusId" => cuDeviceGetByPCIBusId as *const (),
+        b"cuDeviceGetUuid" => cuDeviceGetUuid as *const (),
+        b"cuDeviceGetUuid_v2" => cuDeviceGetUuid_v2 as *const (),
+        b"cuDeviceTotalMem_v2" => cuDeviceTotalMem_v2 as *const (),
+        b"cuMemGetInfo_v2" => cuMemGetInfo_v2 as *const (),
+        b"cuMemAlloc_v2" => cuMemAlloc_v2 as *const (),
+        b"cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *const (),
+        b"cuMemAllocManaged" => cuMemAllocManaged as *const (),
+        b"cuMemAllocAsync" => cuMemAllocAsync as *const (),
+        b"cuMemAllocAsync_ptsz" => cuMemAllocAsync_ptsz as *const (),
+        b"cuMemAllocFromPoolAsync" => cuMemAllocFromPoolAsync as *const (),
+        b"cuMemAllocFromPoolAsync_ptsz" => cuMemAllocFromPoolAsync_ptsz as *const (),
+        b"cuMemFree_v2" => cuMemFree_v2 as *const (),
+        b"cuMemFreeAsync" => cuMemFreeAsync as *const (),
+        b"cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *const (),
+        b"cuMemCreate" => cuMemCreate as *const (),
+        b"cuMemRelease" => cuMemRelease as *const (),
+        b"cuLaunchKernel" => cuLaunchKernel as *const (),
+        b"cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as *const (),
+        b"cuLaunchKernelEx" => cuLaunchKernelEx as *const (),
+        b"cuLaunchKernelEx_ptsz" => cuLaunchKernelEx_ptsz as *const (),
+        b"cuLaunchCooperativeKernel" => cuLaunchCooperativeKernel as *const (),
+        b"cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as *const (),
+        b"cuGraphLaunch" => cuGraphLaunch as *const (),
+        b"cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const (),
+        b"cuGetProcAddress" => cuGetProcAddress as *const (),
+        b"cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const (),
+        _ => return None,
+    };
+    Some(address as usize)
+}

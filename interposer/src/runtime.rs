@@ -1,0 +1,268 @@
+//! The interposer's process-wide state: the container's limits and shared usage file (read on
+//! first need), the device view (built by the first successful `cuInit`), and the table of
+//! allocations it handed out, so frees are charged to the device the memory came from and
+//! pointers it did not hand out are forwarded untouched.
+
+use std::collections::HashMap;
+use std::ffi::c_int;
+use std::sync::{Mutex, OnceLock};
+
+use tensor_fusion_interposer_core::config::ContainerLimits;
+use tensor_fusion_interposer_core::shm::{DeviceSettings, MAX_DEVICES, UsageFile};
+
+use crate::cuda::{
+    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_NO_DEVICE, CUDA_ERROR_NOT_PERMITTED, CUDA_SUCCESS,
+    CUdevice, CUresult, CUuuid, call_real, format_uuid,
+};
+use crate::log::log;
+
+/// Initial launch tokens per second per TFLOPS of limit when neither the limits file nor the
+/// node agent gave a refill rate. A rough figure (threads per second a GPU runs per TFLOPS of
+/// dense math); the agent's steering replaces it.
+pub const DEFAULT_TOKENS_PER_TFLOPS_SECOND: f64 = 1.0e6;
+
+/// Burst size of the launch bucket when the limits file gives none: 100 ms of refill.
+pub const DEFAULT_BURST_NS: u64 = 100_000_000;
+
+/// Limits and accounting of this container.
+pub struct Runtime {
+    pub limits: ContainerLimits,
+    pub usage: UsageFile,
+}
+
+/// One device this container sees, in the order it sees them.
+#[derive(Debug, Clone)]
+pub struct Visible {
+    /// The driver's device ordinal (what the real `cuDeviceGet` takes).
+    pub real_ordinal: c_int,
+    /// The real `CUdevice` handle, which is what applications get and pass back.
+    pub device: CUdevice,
+    pub uuid: String,
+}
+
+/// Where an allocation the interposer handed out lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Device,
+    /// Pinned host memory mapped into the device address space; freed with `cuMemFreeHost`.
+    Spilled {
+        host: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Allocation {
+    pub device: usize,
+    pub bytes: u64,
+    pub placement: Placement,
+}
+
+/// Everything hooks need once `cuInit` succeeded.
+pub struct Active {
+    pub runtime: &'static Runtime,
+    pub devices: Vec<Visible>,
+    pub allocations: Mutex<HashMap<u64, Allocation>>,
+    pub vmm_handles: Mutex<HashMap<u64, Allocation>>,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, CUresult>> = OnceLock::new();
+static ACTIVE: OnceLock<Active> = OnceLock::new();
+
+/// The container's limits and usage file, loaded once; an error code if this process may not
+/// use the GPU (logged once, at error level).
+pub fn runtime() -> Result<&'static Runtime, CUresult> {
+    RUNTIME
+        .get_or_init(load_runtime)
+        .as_ref()
+        .map_err(|code| *code)
+}
+
+fn load_runtime() -> Result<Runtime, CUresult> {
+    let limits = ContainerLimits::load(|key| std::env::var(key).ok()).map_err(|error| {
+        log!(
+            Error,
+            "error={error} refusing CUDA: the container limits cannot be read"
+        );
+        CUDA_ERROR_NOT_PERMITTED
+    })?;
+    if !limits.is_limited() && !limits.allow_unlimited {
+        log!(
+            Error,
+            "limits_file={:?} refusing CUDA: nothing says what this process may use (no \
+             TF_VRAM_LIMIT/TF_TFLOPS_LIMIT, no limits file); set TF_INTERPOSER_ALLOW_UNLIMITED=1 \
+             to run unlimited",
+            limits.limits_path
+        );
+        return Err(CUDA_ERROR_NOT_PERMITTED);
+    }
+
+    let refill_rate = limits.refill_rate.unwrap_or_else(|| {
+        limits
+            .tflops_limit
+            .map_or(0.0, |tflops| tflops * DEFAULT_TOKENS_PER_TFLOPS_SECOND)
+    });
+    let setting = DeviceSettings {
+        vram_limit: limits.vram_limit.unwrap_or(u64::MAX),
+        spill_quota: limits.spill_quota,
+        refill_rate: if limits.tflops_limit.is_some() || limits.refill_rate.is_some() {
+            refill_rate
+        } else {
+            0.0
+        },
+        burst_ns: limits
+            .burst_seconds
+            .map_or(DEFAULT_BURST_NS, |seconds| (seconds * 1e9) as u64),
+    };
+    let settings = vec![setting; MAX_DEVICES];
+    let usage = match &limits.usage_path {
+        Some(path) => UsageFile::open(path, &settings),
+        None => {
+            log!(
+                Warn,
+                "accounting is per process: TF_POD_DIR is not set, so processes of this \
+                 container do not share one limit"
+            );
+            UsageFile::private(&settings)
+        }
+    }
+    .map_err(|error| {
+        log!(Error, "error={error} refusing CUDA: no usage accounting");
+        CUDA_ERROR_NOT_PERMITTED
+    })?;
+    log!(
+        Info,
+        "vram_limit={:?} tflops_request={:?} tflops_limit={:?} spill_quota={} gpus={:?} \
+         usage_file={:?} interposer active",
+        limits.vram_limit,
+        limits.tflops_request,
+        limits.tflops_limit,
+        limits.spill_quota,
+        limits.gpu_uuids,
+        limits.usage_path
+    );
+    Ok(Runtime { limits, usage })
+}
+
+/// The state hooks use, once `cuInit` went through the interposer successfully.
+pub fn active() -> Option<&'static Active> {
+    ACTIVE.get()
+}
+
+/// Called after the real `cuInit` succeeded: loads the limits and builds the device view.
+pub fn activate() -> CUresult {
+    if ACTIVE.get().is_some() {
+        return CUDA_SUCCESS;
+    }
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let devices = match device_view(&runtime.limits) {
+        Ok(devices) => devices,
+        Err(code) => return code,
+    };
+    // Losing a race to another thread's cuInit leaves that thread's identical view in place.
+    let _ = ACTIVE.set(Active {
+        runtime,
+        devices,
+        allocations: Mutex::new(HashMap::new()),
+        vmm_handles: Mutex::new(HashMap::new()),
+    });
+    CUDA_SUCCESS
+}
+
+fn device_view(limits: &ContainerLimits) -> Result<Vec<Visible>, CUresult> {
+    let mut count: c_int = 0;
+    let result = call_real!(cuDeviceGetCount(&mut count));
+    if result != CUDA_SUCCESS {
+        return Err(result);
+    }
+    let mut all = Vec::new();
+    for ordinal in 0..count {
+        let mut device: CUdevice = 0;
+        let result = call_real!(cuDeviceGet(&mut device, ordinal));
+        if result != CUDA_SUCCESS {
+            return Err(result);
+        }
+        let mut uuid = CUuuid::default();
+        let mut result = call_real!(cuDeviceGetUuid_v2(&mut uuid, device));
+        if result != CUDA_SUCCESS {
+            result = call_real!(cuDeviceGetUuid(&mut uuid, device));
+        }
+        if result != CUDA_SUCCESS {
+            return Err(result);
+        }
+        all.push(Visible {
+            real_ordinal: ordinal,
+            device,
+            uuid: format_uuid(&uuid.bytes),
+        });
+    }
+
+    let visible: Vec<Visible> = if limits.gpu_uuids.is_empty() {
+        let count = limits.gpu_count.map_or(all.len(), |count| count as usize);
+        all.into_iter().take(count).collect()
+    } else {
+        let mut visible = Vec::new();
+        for uuid in &limits.gpu_uuids {
+            match all
+                .iter()
+                .find(|device| device.uuid.eq_ignore_ascii_case(uuid))
+            {
+                Some(device) => visible.push(device.clone()),
+                None => {
+                    log!(
+                        Error,
+                        "gpu_uuid={uuid} refusing CUDA: an assigned GPU is not on this node"
+                    );
+                    return Err(CUDA_ERROR_NO_DEVICE);
+                }
+            }
+        }
+        visible
+    };
+    if visible.len() > MAX_DEVICES {
+        log!(
+            Warn,
+            "gpus={} only the first {MAX_DEVICES} are visible",
+            visible.len()
+        );
+    }
+    Ok(visible.into_iter().take(MAX_DEVICES).collect())
+}
+
+impl Active {
+    /// Position of a real `CUdevice` in this container's view.
+    pub fn index_of(&self, device: CUdevice) -> Option<usize> {
+        self.devices
+            .iter()
+            .position(|visible| visible.device == device)
+    }
+
+    /// Index of the current context's device; the driver's error if there is no context, and
+    /// `CUDA_ERROR_INVALID_DEVICE` for a device outside the view.
+    pub fn current_device(&self) -> Result<usize, CUresult> {
+        let mut device: CUdevice = 0;
+        let result = call_real!(cuCtxGetDevice(&mut device));
+        if result != CUDA_SUCCESS {
+            return Err(result);
+        }
+        self.index_of(device).ok_or(CUDA_ERROR_INVALID_DEVICE)
+    }
+
+    /// Like [`Active::current_device`], but skips the driver call when only one device is
+    /// visible (the launch path).
+    pub fn launch_device(&self) -> usize {
+        if self.devices.len() == 1 {
+            return 0;
+        }
+        self.current_device().unwrap_or(0)
+    }
+}
+
+/// Locks a mutex, ignoring poisoning (the data is a plain table).
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
