@@ -1,1 +1,652 @@
-fn main() {}
+//! `tf-cuda-probe`: a CUDA client for the interposer's integration tests. It drives
+//! `libcuda.so.1` the ways real programs do (through exported symbols, `dlopen` + `dlsym`, or
+//! `cuGetProcAddress` as the CUDA runtime does) and prints one `op key=value ...` line per
+//! step, so a test can assert on what a workload would see.
+//!
+//! Usage: `tf-cuda-probe VIA OP...` with VIA one of `exports`, `dlsym`,
+//! `procaddr:VERSION:FLAGS` (`cuGetProcAddress_v2`) or `procaddr1:VERSION:FLAGS` (the 4-argument
+//! `cuGetProcAddress`). OPs are listed in `run_op`.
+
+use std::ffi::{CString, c_char, c_int, c_uint, c_void};
+use std::io::Read;
+use std::sync::{Arc, Barrier};
+
+type CUresult = c_uint;
+type GetProcV2 =
+    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CUresult;
+type GetProcV1 = unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64) -> CUresult;
+
+const RTLD_DEFAULT: *mut c_void = std::ptr::null_mut();
+
+#[derive(Clone, Copy)]
+enum Via {
+    Exports,
+    Dlsym,
+    ProcAddress {
+        version: c_int,
+        flags: u64,
+        v1: bool,
+    },
+}
+
+/// How this probe finds driver functions.
+#[derive(Clone, Copy)]
+struct Api {
+    via: Via,
+    handle: usize,
+    get_proc: usize,
+}
+
+fn dlsym(handle: *mut c_void, name: &str) -> *mut c_void {
+    let name = CString::new(name).expect("symbol names have no NUL");
+    // SAFETY: dlsym with a valid handle (or RTLD_DEFAULT) and a NUL-terminated name.
+    unsafe { libc::dlsym(handle, name.as_ptr()) }
+}
+
+/// The base name the CUDA runtime would ask `cuGetProcAddress` for.
+fn base_name(name: &str) -> &str {
+    ["_v2", "_ptsz"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name)
+}
+
+impl Api {
+    fn open(via: Via) -> Self {
+        let flags = libc::RTLD_NOW
+            | if matches!(via, Via::Exports) {
+                libc::RTLD_GLOBAL
+            } else {
+                libc::RTLD_LOCAL
+            };
+        // SAFETY: dlopen with a constant NUL-terminated name.
+        let handle = unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), flags) };
+        assert!(!handle.is_null(), "dlopen(libcuda.so.1) failed");
+        let get_proc = match via {
+            Via::ProcAddress { v1: true, .. } => dlsym(handle, "cuGetProcAddress"),
+            Via::ProcAddress { .. } => dlsym(handle, "cuGetProcAddress_v2"),
+            _ => std::ptr::null_mut(),
+        };
+        Self {
+            via,
+            handle: handle as usize,
+            get_proc: get_proc as usize,
+        }
+    }
+
+    /// The function `name` (its exported, versioned name) as the chosen path resolves it.
+    fn function(&self, name: &str) -> *mut c_void {
+        match self.via {
+            Via::Exports => dlsym(RTLD_DEFAULT, name),
+            Via::Dlsym => dlsym(self.handle as *mut c_void, name),
+            Via::ProcAddress { version, flags, v1 } => {
+                let base = CString::new(base_name(name)).expect("no NUL");
+                let mut pointer = std::ptr::null_mut();
+                let mut status: c_int = -1;
+                let result = if v1 {
+                    // SAFETY: get_proc is the driver's cuGetProcAddress.
+                    unsafe {
+                        std::mem::transmute::<usize, GetProcV1>(self.get_proc)(
+                            base.as_ptr(),
+                            &mut pointer,
+                            version,
+                            flags,
+                        )
+                    }
+                } else {
+                    // SAFETY: get_proc is the driver's cuGetProcAddress_v2.
+                    unsafe {
+                        std::mem::transmute::<usize, GetProcV2>(self.get_proc)(
+                            base.as_ptr(),
+                            &mut pointer,
+                            version,
+                            flags,
+                            &mut status,
+                        )
+                    }
+                };
+                assert_eq!(
+                    result, 0,
+                    "cuGetProcAddress({name}) failed, status {status}"
+                );
+                pointer
+            }
+        }
+    }
+
+    /// A mock-only introspection function.
+    fn mock(&self, name: &str) -> *mut c_void {
+        dlsym(self.handle as *mut c_void, name)
+    }
+}
+
+macro_rules! call {
+    ($api:expr, $name:literal, fn($($ty:ty),* $(,)?), $($arg:expr),* $(,)?) => {{
+        let pointer = $api.function($name);
+        assert!(!pointer.is_null(), concat!($name, " not found"));
+        // SAFETY: the pointer is the driver function of that name, whose C signature is spelled
+        // out here.
+        unsafe {
+            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) -> CUresult>(pointer)(
+                $($arg),*
+            )
+        }
+    }};
+}
+
+fn mock_counter(api: &Api, name: &str, argument: c_int) -> u64 {
+    let pointer = api.mock(name);
+    if pointer.is_null() {
+        return 0;
+    }
+    // SAFETY: tfMock* counters take an int and return an unsigned 64-bit value.
+    unsafe {
+        std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int) -> u64>(pointer)(argument)
+    }
+}
+
+struct State {
+    api: Api,
+    pointers: Vec<u64>,
+    handles: Vec<u64>,
+    device: c_int,
+}
+
+fn device_of(api: &Api, ordinal: c_int) -> (CUresult, c_int) {
+    let mut device: c_int = -1;
+    let result = call!(
+        api,
+        "cuDeviceGet",
+        fn(*mut c_int, c_int),
+        &mut device,
+        ordinal
+    );
+    (result, device)
+}
+
+fn alloc(api: &Api, bytes: usize) -> (CUresult, u64) {
+    let mut pointer = 0_u64;
+    let result = call!(
+        api,
+        "cuMemAlloc_v2",
+        fn(*mut u64, usize),
+        &mut pointer,
+        bytes
+    );
+    (result, pointer)
+}
+
+fn free(api: &Api, pointer: u64) -> CUresult {
+    call!(api, "cuMemFree_v2", fn(u64), pointer)
+}
+
+fn set_context(api: &Api, ordinal: c_int) -> (CUresult, c_int) {
+    let (result, device) = device_of(api, ordinal);
+    if result != 0 {
+        return (result, device);
+    }
+    let mut context: *mut c_void = std::ptr::null_mut();
+    let result = call!(
+        api,
+        "cuDevicePrimaryCtxRetain",
+        fn(*mut *mut c_void, c_int),
+        &mut context,
+        device
+    );
+    if result != 0 {
+        return (result, device);
+    }
+    (
+        call!(api, "cuCtxSetCurrent", fn(*mut c_void), context),
+        device,
+    )
+}
+
+#[repr(C)]
+struct LaunchConfig {
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_bytes: c_uint,
+    stream: *mut c_void,
+    attributes: *mut c_void,
+    attribute_count: c_uint,
+}
+
+#[repr(C)]
+struct AllocationProp {
+    allocation_type: c_int,
+    requested_handle_types: c_int,
+    location_type: c_int,
+    location_id: c_int,
+    win32_metadata: *mut c_void,
+    alloc_flags: [u8; 8],
+}
+
+fn numbers(op: &str) -> Vec<u64> {
+    op.split(':')
+        .skip(1)
+        .filter_map(|part| part.parse().ok())
+        .collect()
+}
+
+fn run_op(state: &mut State, op: &str) {
+    let api = state.api;
+    let args = numbers(op);
+    let arg = |index: usize| args.get(index).copied().unwrap_or(0);
+    let function = 0x1000 as *mut c_void;
+    let name = op.split(':').next().unwrap_or_default();
+    match name {
+        "init" => println!("{op} result={}", call!(api, "cuInit", fn(c_uint), 0)),
+        "count" => {
+            let mut count: c_int = -1;
+            let result = call!(api, "cuDeviceGetCount", fn(*mut c_int), &mut count);
+            println!("{op} result={result} value={count}");
+        }
+        "device" => {
+            let (result, device) = device_of(&api, arg(0) as c_int);
+            println!("{op} result={result} value={device}");
+        }
+        "uuid" => {
+            let (result, device) = device_of(&api, arg(0) as c_int);
+            let mut uuid = [0_u8; 16];
+            let result = if result == 0 {
+                call!(
+                    api,
+                    "cuDeviceGetUuid_v2",
+                    fn(*mut [u8; 16], c_int),
+                    &mut uuid,
+                    device
+                )
+            } else {
+                result
+            };
+            let hex: String = uuid.iter().map(|byte| format!("{byte:02x}")).collect();
+            println!(
+                "{op} result={result} value=GPU-{}-{}-{}-{}-{}",
+                &hex[0..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..32]
+            );
+        }
+        "ctx" => {
+            let (result, device) = set_context(&api, arg(0) as c_int);
+            state.device = device;
+            println!("{op} result={result} device={device}");
+        }
+        "meminfo" => {
+            let (mut free_bytes, mut total) = (0_usize, 0_usize);
+            let result = call!(
+                api,
+                "cuMemGetInfo_v2",
+                fn(*mut usize, *mut usize),
+                &mut free_bytes,
+                &mut total
+            );
+            println!("{op} result={result} free={free_bytes} total={total}");
+        }
+        "totalmem" => {
+            let (result, device) = device_of(&api, arg(0) as c_int);
+            let mut total = 0_usize;
+            let result = if result == 0 {
+                call!(
+                    api,
+                    "cuDeviceTotalMem_v2",
+                    fn(*mut usize, c_int),
+                    &mut total,
+                    device
+                )
+            } else {
+                result
+            };
+            println!("{op} result={result} value={total}");
+        }
+        "alloc" => {
+            let (result, pointer) = alloc(&api, arg(0) as usize);
+            if result == 0 {
+                state.pointers.push(pointer);
+            }
+            println!("{op} result={result} ptr={pointer:#x}");
+        }
+        "pitch" => {
+            let (mut pointer, mut pitch) = (0_u64, 0_usize);
+            let result = call!(
+                api,
+                "cuMemAllocPitch_v2",
+                fn(*mut u64, *mut usize, usize, usize, c_uint),
+                &mut pointer,
+                &mut pitch,
+                arg(0) as usize,
+                arg(1) as usize,
+                4
+            );
+            if result == 0 {
+                state.pointers.push(pointer);
+            }
+            println!("{op} result={result} pitch={pitch}");
+        }
+        "managed" => {
+            let mut pointer = 0_u64;
+            let result = call!(
+                api,
+                "cuMemAllocManaged",
+                fn(*mut u64, usize, c_uint),
+                &mut pointer,
+                arg(0) as usize,
+                1
+            );
+            if result == 0 {
+                state.pointers.push(pointer);
+            }
+            println!("{op} result={result}");
+        }
+        "async" => {
+            let mut pointer = 0_u64;
+            let result = call!(
+                api,
+                "cuMemAllocAsync",
+                fn(*mut u64, usize, *mut c_void),
+                &mut pointer,
+                arg(0) as usize,
+                std::ptr::null_mut()
+            );
+            if result == 0 {
+                let freed = call!(
+                    api,
+                    "cuMemFreeAsync",
+                    fn(u64, *mut c_void),
+                    pointer,
+                    std::ptr::null_mut()
+                );
+                println!("{op} result={result} freed={freed}");
+            } else {
+                println!("{op} result={result}");
+            }
+        }
+        "vmm" | "vmmhost" => {
+            let prop = AllocationProp {
+                allocation_type: 1,
+                requested_handle_types: 0,
+                location_type: if name == "vmm" { 1 } else { 2 },
+                location_id: state.device,
+                win32_metadata: std::ptr::null_mut(),
+                alloc_flags: [0; 8],
+            };
+            let mut handle = 0_u64;
+            let result = call!(
+                api,
+                "cuMemCreate",
+                fn(*mut u64, usize, *const AllocationProp, u64),
+                &mut handle,
+                arg(0) as usize,
+                &prop,
+                0
+            );
+            if result == 0 {
+                state.handles.push(handle);
+            }
+            println!("{op} result={result}");
+        }
+        "release" => {
+            let results: Vec<String> = std::mem::take(&mut state.handles)
+                .into_iter()
+                .map(|handle| call!(api, "cuMemRelease", fn(u64), handle).to_string())
+                .collect();
+            println!("{op} results={}", results.join(","));
+        }
+        "freeall" => {
+            let results: Vec<String> = std::mem::take(&mut state.pointers)
+                .into_iter()
+                .map(|pointer| free(&api, pointer).to_string())
+                .collect();
+            println!("{op} results={}", results.join(","));
+        }
+        "freeforeign" => {
+            // A pointer the interposer never handed out: the driver's own answer must come back.
+            println!("{op} result={}", free(&api, 0xdead_0000));
+        }
+        "fill" => {
+            let chunk = arg(0) as usize;
+            let mut bytes = 0_u64;
+            let last = loop {
+                let (result, pointer) = alloc(&api, chunk);
+                if result != 0 {
+                    break result;
+                }
+                state.pointers.push(pointer);
+                bytes += chunk as u64;
+            };
+            println!("{op} result={last} bytes={bytes}");
+        }
+        "threads" => {
+            let (threads, chunk) = (arg(0) as usize, arg(1) as usize);
+            let barrier = Arc::new(Barrier::new(threads));
+            let device = arg(2) as c_int;
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    let barrier = Arc::clone(&barrier);
+                    std::thread::spawn(move || {
+                        set_context(&api, device);
+                        barrier.wait();
+                        let mut held = Vec::new();
+                        loop {
+                            let (result, pointer) = alloc(&api, chunk);
+                            if result != 0 {
+                                return (held, result);
+                            }
+                            held.push(pointer);
+                        }
+                    })
+                })
+                .collect();
+            let mut held = Vec::new();
+            let mut errors = Vec::new();
+            for worker in workers {
+                let (pointers, error) = worker.join().expect("allocating thread panicked");
+                held.extend(pointers);
+                errors.push(error);
+            }
+            errors.sort_unstable();
+            errors.dedup();
+            let bytes = held.len() as u64 * chunk as u64;
+            let peak = mock_counter(&api, "tfMockDevicePeakBytes", state.device);
+            println!("{op} bytes={bytes} mock_peak={peak} errors={errors:?}");
+            state.pointers.extend(held);
+        }
+        "launch" | "launchex" | "coop" | "graph" => {
+            let (count, grid, block) = (arg(0), arg(1) as c_uint, arg(2) as c_uint);
+            let mut last = 0;
+            for _ in 0..count {
+                last = match name {
+                    "launch" => call!(
+                        api,
+                        "cuLaunchKernel",
+                        fn(
+                            *mut c_void,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            *mut c_void,
+                            *mut *mut c_void,
+                            *mut *mut c_void,
+                        ),
+                        function,
+                        grid,
+                        1,
+                        1,
+                        block,
+                        1,
+                        1,
+                        0,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut()
+                    ),
+                    "coop" => call!(
+                        api,
+                        "cuLaunchCooperativeKernel",
+                        fn(
+                            *mut c_void,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            c_uint,
+                            *mut c_void,
+                            *mut *mut c_void,
+                        ),
+                        function,
+                        grid,
+                        1,
+                        1,
+                        block,
+                        1,
+                        1,
+                        0,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut()
+                    ),
+                    "launchex" => {
+                        let config = LaunchConfig {
+                            grid: [grid, 1, 1],
+                            block: [block, 1, 1],
+                            shared_bytes: 0,
+                            stream: std::ptr::null_mut(),
+                            attributes: std::ptr::null_mut(),
+                            attribute_count: 0,
+                        };
+                        call!(
+                            api,
+                            "cuLaunchKernelEx",
+                            fn(
+                                *const LaunchConfig,
+                                *mut c_void,
+                                *mut *mut c_void,
+                                *mut *mut c_void,
+                            ),
+                            &config,
+                            function,
+                            std::ptr::null_mut(),
+                            std::ptr::null_mut()
+                        )
+                    }
+                    _ => call!(
+                        api,
+                        "cuGraphLaunch",
+                        fn(*mut c_void, *mut c_void),
+                        function,
+                        std::ptr::null_mut()
+                    ),
+                };
+                if last != 0 {
+                    break;
+                }
+            }
+            println!("{op} result={last}");
+        }
+        "mock" => {
+            let device = state.device;
+            println!(
+                "{op} used={} peak={} host={} launches={} ptsz_launches={}",
+                mock_counter(&api, "tfMockDeviceUsedBytes", device),
+                mock_counter(&api, "tfMockDevicePeakBytes", device),
+                mock_counter(&api, "tfMockHostMappedBytes", 0),
+                mock_counter(&api, "tfMockLaunches", 0),
+                mock_counter(&api, "tfMockLaunches", 1),
+            );
+        }
+        "nvml" => nvml(op),
+        "hold" => {
+            println!("{op} holding");
+            let mut sink = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut sink);
+        }
+        _ => panic!("unknown probe op {op:?}"),
+    }
+}
+
+/// `nvml`: what `nvidia-smi` would see: device count and memory info of each device, found by
+/// `dlopen("libnvidia-ml.so.1")` + `dlsym`.
+fn nvml(op: &str) {
+    // SAFETY: dlopen with a constant NUL-terminated name.
+    let handle = unsafe { libc::dlopen(c"libnvidia-ml.so.1".as_ptr(), libc::RTLD_NOW) };
+    assert!(!handle.is_null(), "dlopen(libnvidia-ml.so.1) failed");
+    let get = |name: &str| {
+        let pointer = dlsym(handle, name);
+        assert!(!pointer.is_null(), "{name} not found");
+        pointer
+    };
+    // SAFETY: each pointer is the NVML function of that name with the signature given.
+    unsafe {
+        let init = std::mem::transmute::<*mut c_void, unsafe extern "C" fn() -> c_uint>(get(
+            "nvmlInit_v2",
+        ));
+        let count_fn = std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(*mut c_uint) -> c_uint,
+        >(get("nvmlDeviceGetCount_v2"));
+        let by_index = std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(c_uint, *mut *mut c_void) -> c_uint,
+        >(get("nvmlDeviceGetHandleByIndex_v2"));
+        let memory = std::mem::transmute::<
+            *mut c_void,
+            unsafe extern "C" fn(*mut c_void, *mut [u64; 3]) -> c_uint,
+        >(get("nvmlDeviceGetMemoryInfo"));
+        let result = init();
+        let mut count: c_uint = 0;
+        let count_result = count_fn(&mut count);
+        let mut line = format!("{op} init={result} count_result={count_result} count={count}");
+        for index in 0..count {
+            let mut device = std::ptr::null_mut();
+            let found = by_index(index, &mut device);
+            let mut info = [0_u64; 3];
+            let result = if found == 0 {
+                memory(device, &mut info)
+            } else {
+                found
+            };
+            line.push_str(&format!(
+                " mem{index}_result={result} total{index}={} free{index}={} used{index}={}",
+                info[0], info[1], info[2]
+            ));
+        }
+        println!("{line}");
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let via = args.next().expect("usage: tf-cuda-probe VIA OP...");
+    let via = match via.as_str() {
+        "exports" => Via::Exports,
+        "dlsym" => Via::Dlsym,
+        other => {
+            let parts: Vec<&str> = other.split(':').collect();
+            match parts.as_slice() {
+                [kind @ ("procaddr" | "procaddr1"), version, flags] => Via::ProcAddress {
+                    version: version.parse().expect("cuda version"),
+                    flags: flags.parse().expect("flags"),
+                    v1: *kind == "procaddr1",
+                },
+                _ => panic!("unknown VIA {other:?}"),
+            }
+        }
+    };
+    let mut state = State {
+        api: Api::open(via),
+        pointers: Vec::new(),
+        handles: Vec::new(),
+        device: 0,
+    };
+    for op in args {
+        run_op(&mut state, &op);
+    }
+}
