@@ -1,0 +1,318 @@
+//! Real processes under `LD_PRELOAD` reaching the (mock) driver every way CUDA programs do:
+//! exported symbols, `dlopen` + `dlsym`, and `cuGetProcAddress(_v2)` as the CUDA runtime uses
+//! it. Each path must see the container's slice: only the assigned GPU, the limit as total
+//! memory, out-of-memory past it.
+
+mod support;
+
+use support::{Pod, mock_uuid};
+
+const MIB: u64 = 1 << 20;
+
+/// A container assigned mock GPU 1 (of 0 and 1) with a 64 MiB limit.
+fn pod() -> Pod {
+    Pod::with_limits(&format!(
+        "gpu_uuids={}\nvram_limit={}\n",
+        mock_uuid(1),
+        64 * MIB
+    ))
+}
+
+const SESSION: &[&str] = &[
+    "init",
+    "count",
+    "uuid:0",
+    "device:1",
+    "ctx:0",
+    "meminfo",
+    "totalmem:0",
+    "alloc:67108865",
+    "alloc:50331648",
+    "meminfo",
+    "alloc:33554432",
+    "freeall",
+    "meminfo",
+    "mock",
+];
+
+fn check_session(via: &str) {
+    let report = pod().run(via, SESSION);
+    assert_eq!(report.number("init", "result"), 0);
+    assert_eq!(report.number("count", "value"), 1, "only the assigned GPU");
+    assert_eq!(report.get("uuid:0", "value"), mock_uuid(1));
+    assert_eq!(
+        report.number("device:1", "result"),
+        101,
+        "CUDA_ERROR_INVALID_DEVICE"
+    );
+    assert_eq!(
+        report.number("ctx:0", "device"),
+        1,
+        "ordinal 0 is real device 1"
+    );
+    assert_eq!(report.number("totalmem:0", "value"), 64 * MIB);
+
+    let meminfo: Vec<(u64, u64)> = report
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("meminfo "))
+        .map(|line| {
+            let field = |key: &str| {
+                line.split(' ')
+                    .find_map(|field| field.strip_prefix(key))
+                    .and_then(|value| value.parse().ok())
+                    .expect("meminfo field")
+            };
+            (field("free="), field("total="))
+        })
+        .collect();
+    assert_eq!(
+        meminfo,
+        vec![
+            (64 * MIB, 64 * MIB),
+            (16 * MIB, 64 * MIB),
+            (64 * MIB, 64 * MIB)
+        ]
+    );
+    assert_eq!(
+        report.number("alloc:67108865", "result"),
+        2,
+        "CUDA_ERROR_OUT_OF_MEMORY"
+    );
+    assert_eq!(
+        report.get("alloc:67108865", "ptr"),
+        "0x0",
+        "nothing allocated"
+    );
+    assert_eq!(report.number("alloc:50331648", "result"), 0);
+    assert_eq!(report.number("alloc:33554432", "result"), 2);
+    assert_eq!(report.get("freeall", "results"), "0");
+    assert_eq!(report.number("mock", "used"), 0);
+    assert_eq!(
+        report.number("mock", "peak"),
+        48 * MIB,
+        "the mock never held more"
+    );
+    assert!(
+        report.stderr.contains("allocation refused"),
+        "refusals are logged: {}",
+        report.stderr
+    );
+}
+
+#[test]
+fn exported_symbols_see_the_slice() {
+    check_session("exports");
+}
+
+#[test]
+fn dlopen_and_dlsym_see_the_slice() {
+    check_session("dlsym");
+}
+
+#[test]
+fn cuda_runtime_style_get_proc_address_sees_the_slice() {
+    check_session("procaddr:12080:0");
+}
+
+#[test]
+fn legacy_get_proc_address_sees_the_slice() {
+    check_session("procaddr1:11040:0");
+}
+
+#[test]
+fn per_thread_default_stream_lookups_get_the_ptsz_hooks() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\ntflops_limit=10\n", 64 * MIB));
+    let report = pod.run(
+        "procaddr:12080:2",
+        &[
+            "init",
+            "ctx:0",
+            "launch:5:8:128",
+            "launchex:2:8:128",
+            "coop:1:8:128",
+            "graph:1:1:1",
+            "mock",
+        ],
+    );
+    assert_eq!(report.number("launch:5:8:128", "result"), 0);
+    assert_eq!(report.number("mock", "launches"), 9);
+    assert_eq!(
+        report.number("mock", "ptsz_launches"),
+        9,
+        "every launch went to a _ptsz variant"
+    );
+    let usage = tensor_fusion_interposer_core::shm::UsageFile::attach(&pod.usage_path()).unwrap();
+    let stats = usage.launch_stats(0);
+    assert_eq!(
+        stats.launches, 9,
+        "every launch door went through the limiter"
+    );
+    assert_eq!(
+        stats.launched_units,
+        8 * 8 * 128 + tensor_fusion_interposer_core::limiter::GRAPH_LAUNCH_COST,
+        "kernels cost grid x block threads, a graph its fixed estimate"
+    );
+}
+
+#[test]
+fn every_allocation_door_is_counted_and_frees_return_it() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\n", 4 * MIB));
+    let report = pod.run(
+        "procaddr:12080:0",
+        &[
+            "init",
+            "ctx:0",
+            "pitch:1000:1024",
+            "meminfo",
+            "managed:3145728",
+            "async:3145728",
+            "vmm:3145728",
+            "vmmhost:8388608",
+            "meminfo",
+            "release",
+            "freeforeign",
+            "freeall",
+            "meminfo",
+            "mock",
+        ],
+    );
+    // 1000 bytes rounded to a 1024-byte pitch x 1024 rows: 1 MiB charged, 3 MiB left.
+    assert_eq!(report.number("pitch:1000:1024", "pitch"), 1024);
+    let fields = report.fields("meminfo");
+    assert_eq!(fields["free"], (3 * MIB).to_string());
+    assert_eq!(report.number("managed:3145728", "result"), 0);
+    assert_eq!(
+        report.number("async:3145728", "result"),
+        2,
+        "over the limit"
+    );
+    assert_eq!(report.number("vmm:3145728", "result"), 2, "over the limit");
+    assert_eq!(
+        report.number("vmmhost:8388608", "result"),
+        0,
+        "host locations are not device memory"
+    );
+    assert_eq!(report.get("release", "results"), "0");
+    assert_eq!(
+        report.number("freeforeign", "result"),
+        1,
+        "a pointer the interposer did not hand out gets the driver's own answer"
+    );
+    assert_eq!(report.get("freeall", "results"), "0,0");
+    assert_eq!(report.number("mock", "used"), 0);
+    let last_meminfo = report
+        .stdout
+        .lines()
+        .rfind(|line| line.starts_with("meminfo "))
+        .unwrap()
+        .to_owned();
+    assert!(
+        last_meminfo.contains(&format!("free={}", 4 * MIB)),
+        "{last_meminfo}"
+    );
+}
+
+#[test]
+fn async_and_vmm_allocations_inside_the_limit_are_charged_and_returned() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\n", 4 * MIB));
+    let report = pod.run(
+        "dlsym",
+        &[
+            "init",
+            "ctx:0",
+            "async:3145728",
+            "vmm:3145728",
+            "meminfo",
+            "release",
+            "meminfo",
+        ],
+    );
+    assert_eq!(report.get("async:3145728", "freed"), "0");
+    assert_eq!(report.number("vmm:3145728", "result"), 0);
+    let frees: Vec<&str> = report
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("meminfo "))
+        .collect();
+    assert!(frees[0].contains(&format!("free={}", MIB)), "{frees:?}");
+    assert!(frees[1].contains(&format!("free={}", 4 * MIB)), "{frees:?}");
+}
+
+#[test]
+fn nvml_shows_the_slice_like_nvidia_smi_would() {
+    let pod = pod();
+    let holder = pod.spawn_holding("exports", &["init", "ctx:0", "alloc:16777216"]);
+    let report = pod.run("exports", &["nvml"]);
+    holder.release();
+    let fields = report.fields("nvml");
+    assert_eq!(fields["count"], "1");
+    assert_eq!(fields["mem0_result"], "0");
+    assert_eq!(fields["total0"], (64 * MIB).to_string());
+    assert_eq!(
+        fields["used0"],
+        (16 * MIB).to_string(),
+        "usage of the other process"
+    );
+    assert_eq!(fields["free0"], (48 * MIB).to_string());
+}
+
+#[test]
+fn no_limits_means_no_cuda_unless_switched_off() {
+    let report = Pod::unlimited().run("exports", &["init"]);
+    assert_eq!(
+        report.number("init", "result"),
+        800,
+        "CUDA_ERROR_NOT_PERMITTED"
+    );
+    assert!(
+        report
+            .stderr
+            .contains("refusing CUDA: nothing says what this process may use"),
+        "{}",
+        report.stderr
+    );
+
+    let report = Pod::unlimited()
+        .env("TF_INTERPOSER_ALLOW_UNLIMITED", "1")
+        .run("exports", &["init", "count", "ctx:0", "meminfo"]);
+    assert_eq!(report.number("init", "result"), 0);
+    assert_eq!(report.number("count", "value"), 2);
+    assert_eq!(report.number("meminfo", "total"), 16 << 30);
+}
+
+#[test]
+fn limits_from_the_environment_alone_apply() {
+    let report = Pod::unlimited()
+        .env("TF_VRAM_LIMIT", "1048576")
+        .env("TF_GPU_COUNT", "1")
+        .run(
+            "exports",
+            &["init", "count", "ctx:0", "meminfo", "alloc:1048577"],
+        );
+    assert_eq!(report.number("count", "value"), 1);
+    assert_eq!(report.number("meminfo", "total"), MIB);
+    assert_eq!(report.number("alloc:1048577", "result"), 2);
+}
+
+#[test]
+fn an_assigned_gpu_missing_from_the_node_fails_init() {
+    let pod =
+        Pod::with_limits("gpu_uuids=GPU-00000000-0000-0000-0000-000000000000\nvram_limit=1\n");
+    let report = pod.run("exports", &["init"]);
+    assert_eq!(report.number("init", "result"), 100, "CUDA_ERROR_NO_DEVICE");
+    assert!(
+        report
+            .stderr
+            .contains("an assigned GPU is not on this node")
+    );
+}
+
+#[test]
+fn other_libraries_lookups_pass_through_untouched() {
+    // The interposer's dlsym must not answer for names it does not hook, nor for handles that
+    // are not the driver's: the probe's own lookups of tfMock* counters and NVML go through.
+    let report = pod().run("dlsym", &["init", "ctx:0", "mock", "nvml"]);
+    assert_eq!(report.number("mock", "launches"), 0);
+    assert_eq!(report.get("nvml", "init"), "0");
+}
