@@ -1,0 +1,458 @@
+//! The webhook against the real local control plane: canary counting through scale, deletion,
+//! bursts with two webhook processes, rollback, bad input and certificate rotation.
+//!
+//! Run by `make test` (which starts the cluster); skipped without `TF_E2E_KUBECONFIG`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use serde_json::{Value, json};
+use tensor_fusion_e2e::{
+    Cluster, TestCerts, WebhookProcess, annotation, balancer, free_port, is_shared,
+    native_gpu_limit, wait_for,
+};
+
+/// Tests share one webhook registration, so they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const GUIDE_ANNOTATIONS: [(&str, &str); 4] = [
+    ("tensor-fusion.ai/tflops-request", "100"),
+    ("tensor-fusion.ai/tflops-limit", "200"),
+    ("tensor-fusion.ai/vram-request", "3Gi"),
+    ("tensor-fusion.ai/vram-limit", "3Gi"),
+];
+
+fn pod_template(app: &str, enabled: &str, extra: &[(&str, &str)]) -> Value {
+    let mut annotations: serde_json::Map<String, Value> = GUIDE_ANNOTATIONS
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    annotations.retain(|_, v| v != "");
+    json!({
+        "metadata": {
+            "labels": { "app": app, "tensor-fusion.ai/enabled": enabled },
+            "annotations": annotations
+        },
+        "spec": {
+            "containers": [{
+                "name": "python",
+                "image": "registry.local/inference:1.4",
+                "resources": { "limits": { "nvidia.com/gpu": 1 } }
+            }]
+        }
+    })
+}
+
+fn deployment(app: &str, replicas: i32, template: Value) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": { "name": app },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": app } },
+            "template": template
+        }
+    }))
+    .expect("a valid Deployment")
+}
+
+struct Setup {
+    cluster: Cluster,
+    certs: TestCerts,
+    webhook: WebhookProcess,
+}
+
+async fn setup() -> anyhow::Result<Option<Setup>> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(None);
+    };
+    let certs = TestCerts::generate()?;
+    let webhook = WebhookProcess::start(&cluster, certs.dir.path(), free_port()).await?;
+    cluster
+        .register_webhook(webhook.port, certs.ca_pem())
+        .await?;
+    Ok(Some(Setup {
+        cluster,
+        certs,
+        webhook,
+    }))
+}
+
+async fn wait_for_pods(
+    cluster: &Cluster,
+    namespace: &str,
+    selector: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Pod>> {
+    wait_for(
+        &format!("{count} pods {selector}"),
+        Duration::from_secs(90),
+        || async { Ok(cluster.live_pods(namespace, selector).await?.len() == count) },
+    )
+    .await?;
+    // A moment more: a surplus pod would show up now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pods = cluster.live_pods(namespace, selector).await?;
+    anyhow::ensure!(pods.len() == count, "{} pods, expected {count}", pods.len());
+    Ok(pods)
+}
+
+fn shared_names(pods: &[Pod]) -> BTreeSet<String> {
+    pods.iter()
+        .filter(|pod| is_shared(pod))
+        .filter_map(|pod| pod.metadata.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Setup {
+        cluster,
+        certs: _certs,
+        webhook: _webhook,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    let namespace = cluster.namespace("tf-canary").await?;
+    let ns = namespace.name.as_str();
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let template = pod_template(
+        "inference",
+        "true",
+        &[("tensor-fusion.ai/enabled-replicas", "3")],
+    );
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("inference", 10, template),
+        )
+        .await?;
+
+    let pods = wait_for_pods(&cluster, ns, "app=inference", 10).await?;
+    assert_eq!(shared_names(&pods).len(), 3, "exactly 3 of 10 shared");
+    for pod in pods.iter().filter(|pod| !is_shared(pod)) {
+        assert_eq!(
+            native_gpu_limit(pod, 0).as_deref(),
+            Some("1"),
+            "native keeps nvidia.com/gpu"
+        );
+        assert_eq!(
+            annotation(pod, "tensor-fusion.ai/native"),
+            Some("canary quota 3/3 in use")
+        );
+    }
+    let shared: Vec<&Pod> = pods.iter().filter(|pod| is_shared(pod)).collect();
+    let mut positions: Vec<&str> = shared
+        .iter()
+        .filter_map(|pod| annotation(pod, "tensor-fusion.ai/canary"))
+        .collect();
+    positions.sort_unstable();
+    assert_eq!(positions, ["1/3", "2/3", "3/3"]);
+    for pod in &shared {
+        assert_eq!(
+            native_gpu_limit(pod, 0),
+            None,
+            "shared pods lose nvidia.com/gpu"
+        );
+    }
+
+    // `kubectl describe pod` explains a shared pod.
+    let name = shared[0].metadata.name.as_deref().unwrap_or_default();
+    let described = cluster.kubectl(&["describe", "pod", "-n", ns, name])?;
+    // kubectl prints a long annotation value on the line after its key.
+    assert!(
+        described.contains("tensor-fusion.ai/injection:"),
+        "{described}"
+    );
+    assert!(
+        described.contains(
+            "containers python; tflops request 100 limit 200; vram request 3Gi limit 3Gi; \
+             1 GPU per container; nvidia.com/gpu removed"
+        ),
+        "{described}"
+    );
+    assert!(
+        described.contains("tensor-fusion.ai/injected: true"),
+        "{described}"
+    );
+
+    // Scale to 20: still 3.
+    cluster
+        .patch_deployment(ns, "inference", json!({ "spec": { "replicas": 20 } }))
+        .await?;
+    let pods = wait_for_pods(&cluster, ns, "app=inference", 20).await?;
+    let before = shared_names(&pods);
+    assert_eq!(before.len(), 3, "scaling to 20 keeps 3 shared");
+
+    // Delete a shared pod: its replacement is shared.
+    let victim = before.iter().next().cloned().unwrap_or_default();
+    let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    pod_api.delete(&victim, &DeleteParams::default()).await?;
+    wait_for(
+        "the replacement to be shared",
+        Duration::from_secs(60),
+        || async {
+            let pods = cluster.live_pods(ns, "app=inference").await?;
+            let shared = shared_names(&pods);
+            Ok(pods.len() == 20 && shared.len() == 3 && !shared.contains(&victim))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pods = cluster.live_pods(ns, "app=inference").await?;
+    assert_eq!(pods.len(), 20);
+    assert_eq!(shared_names(&pods).len(), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Setup {
+        cluster,
+        certs: _certs,
+        webhook: _webhook,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    let namespace = cluster.namespace("tf-rollback").await?;
+    let ns = namespace.name.as_str();
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let canary = pod_template("web", "true", &[("tensor-fusion.ai/enabled-replicas", "2")]);
+    deployments
+        .create(&PostParams::default(), &deployment("web", 4, canary))
+        .await?;
+    let pods = wait_for_pods(&cluster, ns, "app=web", 4).await?;
+    assert_eq!(shared_names(&pods).len(), 2);
+
+    // Label "false": the webhook never sees the pods; they are untouched.
+    cluster
+        .patch_deployment(
+            ns,
+            "web",
+            json!({ "spec": { "template": { "metadata": { "labels": { "tensor-fusion.ai/enabled": "false" } } } } }),
+        )
+        .await?;
+    all_native_from_new_revision(&cluster, &deployments, ns, None).await?;
+
+    // Back to canary, then enabled-replicas "0": native, and the pod says why.
+    cluster
+        .patch_deployment(
+            ns,
+            "web",
+            json!({ "spec": { "template": { "metadata": {
+                "labels": { "tensor-fusion.ai/enabled": "true" },
+                "annotations": { "tensor-fusion.ai/enabled-replicas": "0" }
+            } } } }),
+        )
+        .await?;
+    let note = "tensor-fusion.ai/enabled-replicas is 0 (rolled back to native GPUs)";
+    all_native_from_new_revision(&cluster, &deployments, ns, Some(note)).await?;
+    Ok(())
+}
+
+/// Waits until the Deployment "web" has rolled out a new revision of 4 pods, then checks that
+/// all are native, keep `nvidia.com/gpu`, and carry `note` (or no note at all).
+async fn all_native_from_new_revision(
+    cluster: &Cluster,
+    deployments: &Api<Deployment>,
+    ns: &str,
+    note: Option<&str>,
+) -> anyhow::Result<()> {
+    wait_for(
+        "the new revision to roll out",
+        Duration::from_secs(120),
+        || async {
+            let deployment = deployments.get("web").await?;
+            let status = deployment.status.unwrap_or_default();
+            let generation = deployment.metadata.generation.unwrap_or_default();
+            Ok(status.observed_generation == Some(generation)
+                && status.updated_replicas == Some(4)
+                && status.replicas == Some(4)
+                && cluster.live_pods(ns, "app=web").await?.len() == 4)
+        },
+    )
+    .await?;
+    for pod in cluster.live_pods(ns, "app=web").await? {
+        assert!(!is_shared(&pod), "rolled back pods are native");
+        assert_eq!(native_gpu_limit(&pod, 0).as_deref(), Some("1"));
+        assert_eq!(annotation(&pod, "tensor-fusion.ai/native"), note);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Setup {
+        cluster,
+        certs,
+        webhook: first,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    // A second process and a balancer that alternates requests between the two.
+    let second = WebhookProcess::start(&cluster, certs.dir.path(), free_port()).await?;
+    let port = free_port();
+    let _balancer = balancer::run(
+        port,
+        certs.dir.path(),
+        certs.ca_pem(),
+        vec![first.port, second.port],
+    )
+    .await?;
+    cluster.register_webhook(port, certs.ca_pem()).await?;
+    let shared_before = first.admissions("shared").await? + second.admissions("shared").await?;
+    let native_before = (
+        first.admissions("native").await?,
+        second.admissions("native").await?,
+    );
+
+    let namespace = cluster.namespace("tf-burst").await?;
+    let ns = namespace.name.as_str();
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(cluster.client.clone(), ns);
+    let replica_set: ReplicaSet = serde_json::from_value(json!({
+        "metadata": { "name": "burst" },
+        "spec": {
+            "replicas": 50,
+            "selector": { "matchLabels": { "app": "burst" } },
+            "template": pod_template("burst", "true", &[("tensor-fusion.ai/enabled-replicas", "7")])
+        }
+    }))?;
+    replica_sets
+        .create(&PostParams::default(), &replica_set)
+        .await?;
+    let pods = wait_for_pods(&cluster, ns, "app=burst", 50).await?;
+    assert_eq!(shared_names(&pods).len(), 7, "exactly 7 of 50 shared");
+
+    let shared_after = first.admissions("shared").await? + second.admissions("shared").await?;
+    assert_eq!(shared_after - shared_before, 7);
+    let native_after = (
+        first.admissions("native").await?,
+        second.admissions("native").await?,
+    );
+    assert!(
+        native_after.0 > native_before.0 && native_after.1 > native_before.1,
+        "both webhook processes served the burst: {native_before:?} -> {native_after:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bad_annotation_is_a_failed_create_event_with_the_exact_message() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Setup {
+        cluster,
+        certs: _certs,
+        webhook: _webhook,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    let namespace = cluster.namespace("tf-bad").await?;
+    let ns = namespace.name.as_str();
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let template = pod_template("bad", "true", &[("tensor-fusion.ai/vram-limit", "3Gx")]);
+    deployments
+        .create(&PostParams::default(), &deployment("bad", 1, template))
+        .await?;
+    let expected = "admission webhook \"pods.webhook.tensor-fusion.ai\" denied the request: \
+                    invalid annotation tensor-fusion.ai/vram-limit: \"3Gx\" is not a Kubernetes quantity";
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), ns);
+    wait_for(
+        "the FailedCreate event",
+        Duration::from_secs(60),
+        || async {
+            let list = events
+                .list(&ListParams::default().fields("reason=FailedCreate"))
+                .await?;
+            Ok(list.items.iter().any(|event| {
+                event.involved_object.kind.as_deref() == Some("ReplicaSet")
+                    && event.message.as_deref() == Some(&format!("Error creating: {expected}"))
+            }))
+        },
+    )
+    .await?;
+    assert!(cluster.live_pods(ns, "app=bad").await?.is_empty());
+    let described = cluster.kubectl(&["describe", "replicaset", "-n", ns])?;
+    assert!(described.contains("FailedCreate"), "{described}");
+    assert!(described.contains(expected), "{described}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn certificate_rotation_while_admissions_flow_fails_nothing() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(Setup {
+        cluster,
+        certs,
+        webhook: _webhook,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    let namespace = cluster.namespace("tf-rotate").await?;
+    let ns = namespace.name.clone();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
+    let running = Arc::new(AtomicBool::new(true));
+    let (created, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut writers = Vec::new();
+    for writer in 0..2 {
+        let (pods, running, created, failed) = (
+            pods.clone(),
+            running.clone(),
+            created.clone(),
+            failed.clone(),
+        );
+        writers.push(tokio::spawn(async move {
+            let mut index = 0;
+            while running.load(Ordering::Relaxed) {
+                index += 1;
+                let pod: Pod = serde_json::from_value(json!({
+                    "metadata": {
+                        "name": format!("rotate-{writer}-{index}"),
+                        "labels": { "app": "rotate", "tensor-fusion.ai/enabled": "true" },
+                        "annotations": { "tensor-fusion.ai/vram-limit": "1Gi" }
+                    },
+                    "spec": { "containers": [{ "name": "main", "image": "app" }] }
+                }))
+                .expect("a valid Pod");
+                match pods.create(&PostParams::default(), &pod).await {
+                    Ok(pod) if is_shared(&pod) => created.fetch_add(1, Ordering::Relaxed),
+                    Ok(_) | Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        certs.rotate()?;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.store(false, Ordering::Relaxed);
+    for writer in writers {
+        writer.await?;
+    }
+    let (created, failed) = (
+        created.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        failed, 0,
+        "no admission failed across 3 rotations ({created} succeeded)"
+    );
+    assert!(created > 10, "admissions kept flowing: {created}");
+    Ok(())
+}
