@@ -323,6 +323,16 @@ pub struct WebhookProcess {
 impl WebhookProcess {
     /// Starts the webhook on `port` with the certificates in `certs` and waits until it is ready.
     pub async fn start(cluster: &Cluster, certs: &Path, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(cluster, certs, port, &[]).await
+    }
+
+    /// Like [`WebhookProcess::start`], with extra command-line arguments.
+    pub async fn start_with(
+        cluster: &Cluster,
+        certs: &Path,
+        port: u16,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let ops_port = free_port();
         let log =
             std::fs::File::create(std::env::temp_dir().join(format!("tf-webhook-{port}.log")))?;
@@ -334,6 +344,7 @@ impl WebhookProcess {
             .arg("--tls-key")
             .arg(certs.join("tls.key"))
             .args(["--cert-reload-seconds", "0.2"])
+            .args(extra_args)
             .env("KUBECONFIG", &cluster.kubeconfig)
             .env("TF_LOG_LEVEL", "info")
             .stdout(Stdio::null())

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use tensor_fusion_e2e::{
 };
 
 /// Tests share one webhook registration, so they run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const GUIDE_ANNOTATIONS: [(&str, &str); 4] = [
     ("tensor-fusion.ai/tflops-request", "100"),
@@ -114,7 +113,7 @@ fn shared_names(pods: &[Pod]) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let Some(Setup {
         cluster,
         certs: _certs,
@@ -217,7 +216,7 @@ async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Resul
 
 #[tokio::test]
 async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let Some(Setup {
         cluster,
         certs: _certs,
@@ -294,7 +293,7 @@ async fn all_native_from_new_revision(
 
 #[tokio::test]
 async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let Some(Setup {
         cluster,
         certs,
@@ -352,7 +351,7 @@ async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_bad_annotation_is_a_failed_create_event_with_the_exact_message() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let Some(Setup {
         cluster,
         certs: _certs,
@@ -394,7 +393,7 @@ async fn a_bad_annotation_is_a_failed_create_event_with_the_exact_message() -> a
 
 #[tokio::test]
 async fn certificate_rotation_while_admissions_flow_fails_nothing() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let Some(Setup {
         cluster,
         certs,
@@ -454,5 +453,104 @@ async fn certificate_rotation_while_admissions_flow_fails_nothing() -> anyhow::R
         "no admission failed across 3 rotations ({created} succeeded)"
     );
     assert!(created > 10, "admissions kept flowing: {created}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_rejected_after_admission_or_a_dry_run_holds_its_slot_only_briefly()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let certs = TestCerts::generate()?;
+    let grace = Duration::from_secs(3);
+    let _webhook = WebhookProcess::start_with(
+        &cluster,
+        certs.dir.path(),
+        free_port(),
+        &["--claim-grace-seconds", "3"],
+    )
+    .await?;
+    cluster
+        .register_webhook(_webhook.port, certs.ca_pem())
+        .await?;
+    let namespace = cluster.namespace("tf-leak").await?;
+    let ns = namespace.name.as_str();
+
+    // An owner with no replicas of its own: the test creates its pods by hand.
+    let replica_sets: Api<ReplicaSet> = Api::namespaced(cluster.client.clone(), ns);
+    let owner = replica_sets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": { "name": "owner" },
+                "spec": {
+                    "replicas": 0,
+                    "selector": { "matchLabels": { "app": "owner" } },
+                    "template": pod_template("owner", "true", &[])
+                }
+            }))?,
+        )
+        .await?;
+    let pod = |name: &str| -> Pod {
+        let mut pod = pod_template(
+            "manual",
+            "true",
+            &[("tensor-fusion.ai/enabled-replicas", "2")],
+        );
+        pod["metadata"]["name"] = json!(name);
+        pod["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "owner",
+            "uid": owner.metadata.uid.clone().unwrap_or_default(), "controller": true
+        }]);
+        serde_json::from_value(pod).expect("a valid Pod")
+    };
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+
+    // Dry runs never take a slot.
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    for _ in 0..3 {
+        assert!(is_shared(&pods.create(&dry_run, &pod("dry")).await?));
+    }
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(cluster.client.clone(), ns);
+    assert!(leases.list(&ListParams::default()).await?.items.is_empty());
+
+    // A create that the webhook admits and the API server then rejects (the name is taken):
+    // its claim holds the second slot until the grace period ends, then the slot is free.
+    let blocker = pods.create(&PostParams::default(), &pod("blocker")).await?;
+    assert!(is_shared(&blocker));
+    let started = std::time::Instant::now();
+    let duplicate = pods.create(&PostParams::default(), &pod("blocker")).await;
+    assert!(
+        duplicate.is_err(),
+        "the second create with the same name is rejected"
+    );
+    let during = pods
+        .create(&PostParams::default(), &pod("during-grace"))
+        .await?;
+    if started.elapsed() < grace - Duration::from_millis(500) {
+        assert!(
+            !is_shared(&during),
+            "the rejected pod's claim still holds its slot"
+        );
+        assert_eq!(
+            annotation(&during, "tensor-fusion.ai/native"),
+            Some("canary quota 2/2 in use")
+        );
+    }
+    tokio::time::sleep(grace).await;
+    let after = pods
+        .create(&PostParams::default(), &pod("after-grace"))
+        .await?;
+    assert!(
+        is_shared(&after),
+        "after the grace period the slot is free again"
+    );
     Ok(())
 }

@@ -40,10 +40,10 @@ impl CanaryPlan {
         else {
             return Self::NoController;
         };
-        if owner.kind == "StatefulSet" {
-            if let Some(ordinal) = statefulset_ordinal(metadata, &owner.name) {
-                return Self::Ordinal { ordinal, limit };
-            }
+        if owner.kind == "StatefulSet"
+            && let Some(ordinal) = statefulset_ordinal(metadata, &owner.name)
+        {
+            return Self::Ordinal { ordinal, limit };
         }
         Self::Slot {
             owner: owner.clone(),

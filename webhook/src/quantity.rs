@@ -135,7 +135,7 @@ pub fn format_bytes(bytes: u64) -> String {
     const SUFFIXES: [&str; 6] = ["Ei", "Pi", "Ti", "Gi", "Mi", "Ki"];
     for (index, suffix) in SUFFIXES.iter().enumerate() {
         let unit = 1u64 << (10 * (6 - index));
-        if bytes != 0 && bytes % unit == 0 {
+        if bytes != 0 && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }

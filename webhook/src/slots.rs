@@ -37,6 +37,7 @@ pub const DEFAULT_CLAIM_GRACE: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct ClaimCache {
     claims: Mutex<HashMap<String, ClaimSeen>>,
+    pruned_at: Mutex<Option<Instant>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,8 +62,13 @@ impl ClaimCache {
         let now = Instant::now();
         let mut claims = self.lock();
         claims.insert(claim.to_owned(), ClaimSeen { live, at: now });
-        if claims.len() % 256 == 0 {
+        let mut pruned_at = self
+            .pruned_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pruned_at.is_none_or(|at| now.duration_since(at) > GONE_MEMORY / 10) {
             claims.retain(|_, seen| seen.live || now.duration_since(seen.at) < GONE_MEMORY);
+            *pruned_at = Some(now);
         }
     }
 
