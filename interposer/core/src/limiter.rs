@@ -145,23 +145,34 @@ pub struct TenantWindow {
     pub throttled: bool,
 }
 
-/// Target shares for one window: requests first, then what is left over to throttled tenants
-/// in proportion to their requests, never past a tenant's limit.
+/// GPU busy share (sum over tenants) from which the GPU counts as saturated: tenants below
+/// their request are then being crowded out rather than idle.
+pub const SATURATED_SHARE: f64 = 0.95;
+
+/// Target shares for one window: requests first, then what is left over to tenants that want
+/// more (throttled, or crowded out of a saturated GPU) in proportion to their requests, never
+/// past a tenant's limit.
 pub fn target_shares(tenants: &[TenantWindow]) -> Vec<f64> {
-    let demand = |tenant: &TenantWindow| {
-        if tenant.throttled {
-            tenant.limit_share
-        } else {
-            tenant.busy_share.min(tenant.limit_share)
-        }
-    };
+    let saturated = tenants.iter().map(|tenant| tenant.busy_share).sum::<f64>() >= SATURATED_SHARE;
+    let wants_more: Vec<bool> = tenants
+        .iter()
+        .map(|tenant| tenant.throttled || (saturated && tenant.busy_share < tenant.request_share))
+        .collect();
     let mut targets: Vec<f64> = tenants
         .iter()
-        .map(|tenant| tenant.request_share.min(demand(tenant)))
+        .zip(&wants_more)
+        .map(|(tenant, &wants_more)| {
+            let demand = if wants_more {
+                tenant.limit_share
+            } else {
+                tenant.busy_share.min(tenant.limit_share)
+            };
+            tenant.request_share.min(demand)
+        })
         .collect();
     let mut left = (1.0 - targets.iter().sum::<f64>()).max(0.0);
     let mut hungry: Vec<usize> = (0..tenants.len())
-        .filter(|&index| tenants[index].throttled && targets[index] < tenants[index].limit_share)
+        .filter(|&index| wants_more[index] && targets[index] < tenants[index].limit_share)
         .collect();
     while left > 1e-9 && !hungry.is_empty() {
         let weight_sum: f64 = hungry
@@ -186,13 +197,16 @@ pub fn target_shares(tenants: &[TenantWindow]) -> Vec<f64> {
             break;
         }
     }
-    for (target, tenant) in targets.iter_mut().zip(tenants) {
-        if !tenant.throttled {
-            // Not bound by its bucket: keep its guarantee and room to grow a little.
-            *target = tenant
-                .request_share
-                .max(tenant.busy_share * 1.1)
-                .min(tenant.limit_share.max(tenant.request_share));
+    for ((target, tenant), &wants_more) in targets.iter_mut().zip(tenants).zip(&wants_more) {
+        if !wants_more {
+            // Not bound by its bucket. On a saturated GPU it keeps its guarantee (and is held
+            // to it, so the ones crowded out get theirs); otherwise it keeps what it uses.
+            *target = if saturated {
+                tenant.request_share
+            } else {
+                tenant.request_share.max(tenant.busy_share)
+            }
+            .min(tenant.limit_share.max(tenant.request_share));
         }
     }
     targets
