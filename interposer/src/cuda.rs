@@ -141,7 +141,15 @@ pub fn real() -> Option<&'static RealDriver> {
             return None;
         };
         match open_library(&c_path) {
-            Ok(handle) => Some(RealDriver::resolve(handle)),
+            Ok(handle) => {
+                let driver = RealDriver::resolve(handle);
+                log!(
+                    Debug,
+                    "path={path:?} has_cu_init={} CUDA driver loaded",
+                    driver.cuInit.is_some()
+                );
+                Some(driver)
+            }
             Err(reason) => {
                 log!(
                     Error,

@@ -34,13 +34,32 @@ fn real_dlsym() -> DlsymFn {
     unsafe { std::mem::transmute::<usize, DlsymFn>(address) }
 }
 
+/// Base address of the loaded object containing `address`.
+fn object_base(address: usize) -> Option<usize> {
+    let mut info = libc::Dl_info {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    };
+    // SAFETY: dladdr only reads the loader's tables and writes `info`.
+    let found = unsafe { libc::dladdr(address as *const c_void, &mut info) };
+    (found != 0).then_some(info.dli_fbase as usize)
+}
+
 fn resolve_real_dlsym() -> usize {
-    let own = dlsym as *const () as usize;
-    for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
-        // SAFETY: dlvsym with constant NUL-terminated strings; it is not hooked.
-        let found = unsafe { libc::dlvsym(RTLD_NEXT, c"dlsym".as_ptr(), version.as_ptr()) };
-        if !found.is_null() && found as usize != own {
-            return found as usize;
+    // The interposer's own base, through a function that is not exported (an exported name
+    // could be bound to another object's definition).
+    let own = object_base(resolve_real_dlsym as *const () as usize);
+    // RTLD_NEXT when preloaded; RTLD_DEFAULT when loaded with dlopen (benchmarks), where the
+    // global dlsym is libc's.
+    for scope in [RTLD_NEXT, std::ptr::null_mut()] {
+        for version in [c"GLIBC_2.34", c"GLIBC_2.2.5", c"GLIBC_2.17"] {
+            // SAFETY: dlvsym with constant NUL-terminated strings; it is not hooked.
+            let found = unsafe { libc::dlvsym(scope, c"dlsym".as_ptr(), version.as_ptr()) };
+            if !found.is_null() && object_base(found as usize) != own {
+                return found as usize;
+            }
         }
     }
     no_dlsym as *const () as usize

@@ -1,10 +1,10 @@
 //! Compute: every launch door draws its cost from the container's token bucket for the device
 //! and, when the bucket is in debt, sleeps until the refill has paid for it. Nothing is locked
-//! while it sleeps; a launch under the limit costs a clock read and a few atomic operations.
+//! while it sleeps; a launch under the limit costs a coarse clock read and a few atomic operations.
 
 use std::time::Duration;
 
-use tensor_fusion_interposer_core::limiter::monotonic_ns;
+use tensor_fusion_interposer_core::limiter::monotonic_coarse_ns;
 
 use crate::log::log;
 use crate::runtime::Active;
@@ -16,7 +16,7 @@ pub fn throttle(active: &Active, cost: u64) {
         .runtime
         .usage
         .bucket(device)
-        .acquire(cost, monotonic_ns());
+        .acquire(cost, monotonic_coarse_ns());
     if wait_ns > 0 {
         log!(
             Trace,

@@ -23,13 +23,24 @@ pub const GRAPH_LAUNCH_COST: u64 = 1 << 20;
 
 /// Nanoseconds on `CLOCK_MONOTONIC`, the clock all processes of the node share.
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Nanoseconds on `CLOCK_MONOTONIC_COARSE`: the same clock at tick resolution (1-4 ms), read
+/// without a syscall even where the precise clock needs one. The launch path uses it; refills
+/// credit exactly the time they account for, so the coarse steps cost no accuracy over time.
+pub fn monotonic_coarse_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe {
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+        libc::clock_gettime(clock, &mut now);
     }
     u64::try_from(now.tv_sec)
         .unwrap_or(0)
@@ -62,16 +73,17 @@ impl<'a> Bucket<'a> {
     /// Takes `cost` tokens at time `now_ns`; returns how many nanoseconds the caller must wait
     /// before launching (0: launch now). The tokens are taken either way.
     pub fn acquire(&self, cost: u64, now_ns: u64) -> u64 {
+        let cost = cost.min(i64::MAX as u64);
         self.word(D_LAUNCHES).fetch_add(1, Ordering::Relaxed);
+        // Counted with or without a limit, so the agent can calibrate before it limits.
+        self.word(D_LAUNCHED_UNITS)
+            .fetch_add(cost, Ordering::Relaxed);
         let rate = f64::from_bits(self.word(D_REFILL_RATE).load(Ordering::Relaxed));
         if rate.is_nan() || rate <= 0.0 {
             return 0;
         }
         self.refill(rate, now_ns);
 
-        let cost = cost.min(i64::MAX as u64);
-        self.word(D_LAUNCHED_UNITS)
-            .fetch_add(cost, Ordering::Relaxed);
         let before = self.word(D_TOKENS).fetch_sub(cost, Ordering::AcqRel) as i64;
         let after = before.saturating_sub(cost as i64);
         if after >= 0 {

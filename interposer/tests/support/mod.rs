@@ -29,16 +29,19 @@ pub struct Fixtures {
     pub mock_cuda: PathBuf,
 }
 
-fn build() -> anyhow::Result<Fixtures> {
+fn build(release: bool) -> anyhow::Result<Fixtures> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("interposer crate has a parent directory")?;
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interposer-fixtures");
-    let status = Command::new(env!("CARGO"))
+    let mut command = Command::new(env!("CARGO"));
+    command.args(["build", "--quiet"]);
+    if release {
+        command.arg("--release");
+    }
+    let status = command
         .current_dir(workspace)
         .args([
-            "build",
-            "--quiet",
             "-p",
             "tensor-fusion-interposer",
             "-p",
@@ -56,8 +59,8 @@ fn build() -> anyhow::Result<Fixtures> {
     if !status.success() {
         bail!("cargo build of the interposer test fixtures failed: {status}");
     }
-    let built = target.join("debug");
-    let driver_dir = target.join("driver");
+    let built = target.join(if release { "release" } else { "debug" });
+    let driver_dir = built.join("driver");
     std::fs::create_dir_all(&driver_dir)?;
     for (library, soname) in [
         ("libtensor_fusion_mock_cuda.so", "libcuda.so.1"),
@@ -79,7 +82,13 @@ fn build() -> anyhow::Result<Fixtures> {
 
 pub fn fixtures() -> &'static Fixtures {
     static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
-    FIXTURES.get_or_init(|| build().expect("building the interposer test fixtures"))
+    FIXTURES.get_or_init(|| build(false).expect("building the interposer test fixtures"))
+}
+
+/// The fixtures built with `--release`, for benchmarks.
+pub fn release_fixtures() -> &'static Fixtures {
+    static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
+    FIXTURES.get_or_init(|| build(true).expect("building the interposer bench fixtures"))
 }
 
 /// A pod directory with one container's limits file, and probes run inside it.
