@@ -100,10 +100,8 @@ fn a_sigkilled_lock_holder_does_not_stall_the_others() {
         // Sanity: the lock is the usage file's flock.
         let file = File::open(&usage).unwrap();
         // SAFETY: flock on an open descriptor, non-blocking probe.
-        assert_eq!(
-            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-            0
-        );
+        let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(locked, 0);
         // SAFETY: unlock the descriptor locked above.
         unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
     }
@@ -160,7 +158,7 @@ fn kill_lingering_sleep(usage: &std::path::Path) {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
         };
-        if cmdline != b"sleep\0600\0" {
+        if cmdline != b"sleep\x00600\x00" {
             continue;
         }
         let holds_usage = std::fs::read_dir(entry.path().join("fd"))
