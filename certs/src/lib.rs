@@ -3,6 +3,11 @@
 //! `CertificateAuthority::generate` makes a CA; `CertificateAuthority::issue_serving` signs a
 //! serving certificate for the DNS names and IP addresses the API server uses to reach the
 //! webhook. Everything is PEM in and out, so the material can go to files or a Secret.
+//! `material` decides when stored material must be renewed; `cluster` keeps it in a Secret and
+//! publishes the CA bundle into the MutatingWebhookConfigurations.
+
+pub mod cluster;
+pub mod material;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -28,10 +33,22 @@ pub enum CertError {
     Signing(#[source] rcgen::Error),
     #[error("loading CA from PEM failed: {0}")]
     LoadCa(#[source] rcgen::Error),
+    #[error("parsing certificate failed: {0}")]
+    Parse(String),
+    #[error("invalid duration {0:?}: use a number with s, m, h or d")]
+    Duration(String),
+    #[error("invalid {what} window {window:?}: must be shorter than the validity {validity:?}")]
+    Window {
+        what: &'static str,
+        window: Duration,
+        validity: Duration,
+    },
+    #[error("no names for the serving certificate: give DNS names or IP addresses")]
+    NoNames,
 }
 
 /// A certificate and its private key, both PEM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PemPair {
     pub cert_pem: String,
     pub key_pem: String,

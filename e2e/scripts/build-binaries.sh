@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the local control plane's binaries on first use and caches them outside the checkout,
-# keyed by version: kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok.
+# keyed by version: kube-apiserver, kube-controller-manager, kube-scheduler, etcd, kwok, and
+# helm (only on request: `build-binaries.sh helm`; the control plane does not need it).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -42,11 +43,22 @@ build_kwok() {
   rm -rf "$KWOK_BIN" && mv "$tmp" "$KWOK_BIN"
 }
 
+build_helm() {
+  [ -x "$HELM_BIN/helm" ] && return 0
+  log "building helm $HELM_VERSION (first time only)"
+  local tmp="$HELM_BIN.tmp.$$"
+  mkdir -p "$tmp"
+  GOBIN="$tmp" with_progress "helm" go install -trimpath -ldflags "-s -w" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  rm -rf "$HELM_BIN" && mv "$tmp" "$HELM_BIN"
+}
+
 mkdir -p "$BIN_CACHE"
 case "${1:-all}" in
   kubernetes) build_kubernetes ;;
   etcd) build_etcd ;;
   kwok) build_kwok ;;
+  helm) build_helm ;;
   all) build_etcd; build_kwok; build_kubernetes ;;
-  *) die "unknown target ${1}: use kubernetes, etcd, kwok or all" ;;
+  *) die "unknown target ${1}: use kubernetes, etcd, kwok, helm or all" ;;
 esac

@@ -3,6 +3,7 @@
 K8S_VERSION=v1.33.13
 ETCD_VERSION=v3.5.36
 KWOK_VERSION=v0.7.0
+HELM_VERSION=v3.18.6
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_DIR=$(cd "$E2E_DIR/.." && pwd)
@@ -11,6 +12,7 @@ BIN_CACHE=$TF_CACHE_DIR/bin
 K8S_BIN=$BIN_CACHE/kubernetes-$K8S_VERSION
 ETCD_BIN=$BIN_CACHE/etcd-$ETCD_VERSION
 KWOK_BIN=$BIN_CACHE/kwok-$KWOK_VERSION
+HELM_BIN=$BIN_CACHE/helm-$HELM_VERSION
 
 log() { printf '\033[1m==>\033[0m %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
