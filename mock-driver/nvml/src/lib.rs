@@ -4,6 +4,10 @@
 //! It reports every GPU's full memory as free; the interposer replaces total, used and free
 //! with the container's slice, which is what the tests check. Calls before `nvmlInit` return
 //! `NVML_ERROR_UNINITIALIZED`, as NVML does.
+//!
+//! For the node agent it also answers the model name (`TF_MOCK_GPU_NAME`, default
+//! `NVIDIA H100 80GB HBM3`) and per-process utilisation, read at each call from the file named by
+//! `TF_MOCK_NVML_UTILISATION` (lines `<gpu index> <pid> <sm percent>`; no file, no samples).
 
 #![allow(non_snake_case, reason = "exported names are NVML's")]
 
@@ -278,6 +282,108 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
                 used: 0,
             },
         )
+    })
+}
+
+/// Model name when `TF_MOCK_GPU_NAME` is not set.
+const DEFAULT_GPU_NAME: &str = "NVIDIA H100 80GB HBM3";
+
+/// # Safety
+/// `name` must be null or hold `length` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetName(
+    handle: *mut c_void,
+    name: *mut c_char,
+    length: c_uint,
+) -> NvmlReturn {
+    guarded(|| {
+        device_of(handle)?;
+        if name.is_null() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let model = std::env::var("TF_MOCK_GPU_NAME").unwrap_or_else(|_| DEFAULT_GPU_NAME.into());
+        let text = model.as_bytes();
+        if (length as usize) < text.len() + 1 {
+            return Err(NVML_ERROR_INSUFFICIENT_SIZE);
+        }
+        // SAFETY: `name` holds `length` bytes, enough for the text and its NUL (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr().cast(), name, text.len());
+            *name.add(text.len()) = 0;
+        }
+        Ok(())
+    })
+}
+
+/// `nvmlProcessUtilizationSample_t`.
+#[repr(C)]
+pub struct ProcessUtilizationSample {
+    pub pid: c_uint,
+    pub time_stamp: u64,
+    pub sm_util: c_uint,
+    pub mem_util: c_uint,
+    pub enc_util: c_uint,
+    pub dec_util: c_uint,
+}
+
+/// The samples for GPU `index` in the file named by `TF_MOCK_NVML_UTILISATION`.
+fn utilisation_samples(index: u32) -> Vec<(u32, u32)> {
+    let Some(path) = std::env::var_os("TF_MOCK_NVML_UTILISATION") else {
+        return Vec::new();
+    };
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().map(str::parse::<u32>);
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(Ok(gpu)), Some(Ok(pid)), Some(Ok(percent))) if gpu == index => {
+                    Some((pid, percent))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// # Safety
+/// `count` must be null or point at a writable `unsigned int`; `samples` must be null or hold
+/// `*count` writable samples.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nvmlDeviceGetProcessUtilization(
+    handle: *mut c_void,
+    samples: *mut ProcessUtilizationSample,
+    count: *mut c_uint,
+    _last_seen_timestamp: u64,
+) -> NvmlReturn {
+    guarded(|| {
+        let device = device_of(handle)?;
+        if count.is_null() {
+            return Err(NVML_ERROR_INVALID_ARGUMENT);
+        }
+        let found = utilisation_samples(device.index);
+        if found.is_empty() {
+            return Err(NVML_ERROR_NOT_FOUND);
+        }
+        // SAFETY: `count` is non-null and writable per the contract.
+        let room = unsafe { *count } as usize;
+        if samples.is_null() || room < found.len() {
+            write(count, found.len() as c_uint)?;
+            return Err(NVML_ERROR_INSUFFICIENT_SIZE);
+        }
+        for (slot, (pid, percent)) in found.iter().enumerate() {
+            // SAFETY: `samples` holds `room` >= found.len() samples.
+            unsafe {
+                samples.add(slot).write(ProcessUtilizationSample {
+                    pid: *pid,
+                    time_stamp: 0,
+                    sm_util: *percent,
+                    mem_util: 0,
+                    enc_util: 0,
+                    dec_util: 0,
+                });
+            }
+        }
+        write(count, found.len() as c_uint)
     })
 }
 

@@ -1,0 +1,568 @@
+//! The running agent: the node's allocation state and the Kubernetes edges around it.
+//!
+//! One task owns the decisions: it consumes a watch of the pods bound to this node. At every
+//! (re)list it rebuilds the allocator from the assignment annotations of the listed pods before
+//! it allocates anything, so a restarted agent starts from exactly what the pods run with. A new
+//! shared pod is allocated in memory, the grant is written on the pod with a merge patch that
+//! carries the pod's `resourceVersion` (the commit point; a conflict re-reads the pod), then its
+//! limits files are written. A pod that ends or goes away gives its grant back and its
+//! directory is removed; pods that did not fit are retried whenever something is freed.
+//! A second task polls the device plugin's native GPUs and a third serves HTTP; both only lock
+//! the state briefly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::allocator::{AllocationError, Allocator, GpuCapacity};
+use crate::capacity::{HostSizes, advertised, gpu_capacities};
+use crate::config::AgentConfig;
+use crate::discovery::DiscoveredGpu;
+use crate::native::{NativeOrigin, NativeSource};
+use crate::tflops::model_label;
+use crate::worker::{
+    ALLOCATION_FAILED, Assignment, WorkerSpec, has_ended, is_shared, remove_pod_dir,
+    write_pod_files,
+};
+
+/// Node label: the GPU model, e.g. `NVIDIA-H100-80GB-HBM3`.
+pub const MODEL_LABEL: &str = "tensor-fusion.ai/gpu-model";
+/// Node label: how many GPUs the agent found.
+pub const COUNT_LABEL: &str = "tensor-fusion.ai/gpu-count";
+/// Node label, `"true"` while the node hosts shared workers (native pods may keep off it).
+pub const SHARED_LABEL: &str = "tensor-fusion.ai/hosts-shared-workers";
+pub const TFLOPS_RESOURCE: &str = "tensor-fusion.ai/tflops";
+pub const VRAM_RESOURCE: &str = "tensor-fusion.ai/vram";
+
+/// A worker that holds a grant.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerRecord {
+    pub spec: WorkerSpec,
+    pub assignment: Assignment,
+}
+
+/// A shared pod waiting for room.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingWorker {
+    pub spec: WorkerSpec,
+    pub reason: String,
+}
+
+/// Everything the agent knows; one lock, held only for in-memory work.
+#[derive(Debug, Default)]
+pub struct AgentState {
+    pub gpus: Vec<DiscoveredGpu>,
+    pub allocator: Allocator,
+    pub workers: BTreeMap<String, WorkerRecord>,
+    pub pending: BTreeMap<String, PendingWorker>,
+    pub native_gpus: BTreeSet<String>,
+    pub native_origin: Option<NativeOrigin>,
+    /// The first list of pods was processed: the state reflects the cluster.
+    pub synced: bool,
+    pub allocations_total: u64,
+    pub allocation_failures_total: u64,
+}
+
+/// The agent: configuration, client and state.
+pub struct Agent {
+    pub config: AgentConfig,
+    client: Client,
+    recorder: Recorder,
+    pub state: Mutex<AgentState>,
+    /// Physical TFLOPS per GPU UUID, for the limits files.
+    gpu_tflops: BTreeMap<String, f64>,
+    /// Whether VRAM past the physical size may be backed by host memory or disk.
+    host_backed_vram: bool,
+    capacities: Vec<GpuCapacity>,
+}
+
+impl Agent {
+    pub fn new(
+        config: AgentConfig,
+        client: Client,
+        gpus: Vec<DiscoveredGpu>,
+        host: HostSizes,
+    ) -> Arc<Self> {
+        let capacities = gpu_capacities(&gpus, &config, host);
+        let gpu_tflops = capacities
+            .iter()
+            .map(|gpu| (gpu.uuid.clone(), gpu.physical.tflops))
+            .collect();
+        let host_backed_vram = capacities
+            .iter()
+            .any(|gpu| gpu.virtual_.vram_bytes > gpu.physical.vram_bytes);
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tensor-fusion-node-agent".to_owned(),
+                instance: Some(config.node_name.clone()),
+            },
+        );
+        let state = AgentState {
+            gpus,
+            allocator: Allocator::new(capacities.clone(), config.policy()),
+            ..AgentState::default()
+        };
+        Arc::new(Self {
+            config,
+            client,
+            recorder,
+            state: Mutex::new(state),
+            gpu_tflops,
+            host_backed_vram,
+            capacities,
+        })
+    }
+
+    fn pods(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    /// Watches the pods bound to this node until the stream ends (it does not, short of a
+    /// panic: the watcher retries with backoff).
+    pub async fn run_pod_watch(self: Arc<Self>) {
+        let pods: Api<Pod> = Api::all(self.client.clone());
+        let selector = format!("spec.nodeName={}", self.config.node_name);
+        let stream = watcher::watcher(pods, watcher::Config::default().fields(&selector));
+        let mut stream = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(stream));
+        let mut listed = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => listed.clear(),
+                Ok(watcher::Event::InitApply(pod)) => listed.push(pod),
+                Ok(watcher::Event::InitDone) => {
+                    self.rebuild(&listed).await;
+                    for pod in std::mem::take(&mut listed) {
+                        self.reconcile(pod).await;
+                    }
+                    self.retry_pending().await;
+                }
+                Ok(watcher::Event::Apply(pod)) => self.reconcile(pod).await,
+                Ok(watcher::Event::Delete(pod)) => self.forget(&pod).await,
+                Err(error) => warn!(%error, "pod watch failed; retrying"),
+            }
+        }
+    }
+
+    /// Replaces the state with the grants recorded on `pods`, rewrites their limits files and
+    /// removes pod directories nothing owns any more.
+    async fn rebuild(&self, pods: &[Pod]) {
+        let mut state = self.state.lock().await;
+        let mut allocator = Allocator::new(self.capacities.clone(), self.config.policy());
+        allocator.set_native(&state.native_gpus);
+        let mut workers = BTreeMap::new();
+        for pod in pods.iter().filter(|pod| is_shared(pod) && !has_ended(pod)) {
+            let Some((spec, assignment)) = self.recorded(pod) else {
+                continue;
+            };
+            allocator.restore(&spec.uid, assignment.grant.clone());
+            self.write_files(&spec, &assignment);
+            workers.insert(spec.uid.clone(), WorkerRecord { spec, assignment });
+        }
+        let restored = workers.len();
+        state.allocator = allocator;
+        state.workers = workers;
+        state.pending.clear();
+        state.synced = true;
+        self.remove_orphan_dirs(&state.workers);
+        info!(node = %self.config.node_name, workers = restored, "Rebuilt allocations from pod annotations");
+        drop(state);
+        self.publish_node_status().await;
+    }
+
+    /// The worker and its grant, if the pod records one for this node.
+    fn recorded(&self, pod: &Pod) -> Option<(WorkerSpec, Assignment)> {
+        let spec = match WorkerSpec::from_pod(pod) {
+            Ok(spec) => spec,
+            Err(error) => {
+                warn!(pod = %pod_key(pod), %error, "Shared pod has an invalid environment");
+                return None;
+            }
+        };
+        match Assignment::from_pod(pod) {
+            Ok(Some(assignment)) if assignment.node == self.config.node_name => {
+                Some((spec, assignment))
+            }
+            Ok(_) => None,
+            Err(error) => {
+                warn!(pod = %spec.key(), %error, "Ignoring an unreadable assignment");
+                None
+            }
+        }
+    }
+
+    fn write_files(&self, spec: &WorkerSpec, assignment: &Assignment) {
+        if let Err(error) = write_pod_files(
+            &self.config.host_root,
+            spec,
+            &assignment.grant,
+            &self.gpu_tflops,
+            self.host_backed_vram,
+        ) {
+            warn!(pod = %spec.key(), %error, "Failed to write the pod's limits files");
+        }
+    }
+
+    fn remove_orphan_dirs(&self, workers: &BTreeMap<String, WorkerRecord>) {
+        let Ok(entries) = std::fs::read_dir(self.config.host_root.join("pods")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let uid = entry.file_name().to_string_lossy().into_owned();
+            if !workers.contains_key(&uid) {
+                info!(uid = %uid, "Removing the directory of a pod that is gone");
+                if let Err(error) = remove_pod_dir(&self.config.host_root, &uid) {
+                    warn!(uid = %uid, %error, "Failed to remove a pod directory");
+                }
+            }
+        }
+    }
+
+    /// Brings one pod's grant in line with the pod.
+    async fn reconcile(&self, pod: Pod) {
+        if !is_shared(&pod) {
+            return;
+        }
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        if has_ended(&pod) {
+            Box::pin(self.release(&uid, &pod_key(&pod), "pod ended")).await;
+            return;
+        }
+        if let Some((spec, assignment)) = self.recorded(&pod) {
+            let mut state = self.state.lock().await;
+            if state.allocator.restore(&uid, assignment.grant.clone()) {
+                self.write_files(&spec, &assignment);
+            }
+            state.pending.remove(&uid);
+            state.workers.insert(uid, WorkerRecord { spec, assignment });
+            return;
+        }
+        self.allocate(pod).await;
+    }
+
+    /// Allocates a pod that has no grant yet and records it on the pod.
+    async fn allocate(&self, mut pod: Pod) {
+        for _attempt in 0..3 {
+            let spec = match WorkerSpec::from_pod(&pod) {
+                Ok(spec) => spec,
+                Err(error) => {
+                    self.refuse(&pod, None, error.to_string()).await;
+                    return;
+                }
+            };
+            let uid = spec.uid.clone();
+            let decision = {
+                let mut state = self.state.lock().await;
+                if state.allocator.grant(&uid).is_some() {
+                    // Granted already; this event predates our own patch.
+                    return;
+                }
+                state.allocator.allocate(&uid, &spec.share_request())
+            };
+            let grant = match decision {
+                Ok(grant) => grant,
+                Err(error) => {
+                    self.refuse(&pod, Some(spec), reason_text(&error)).await;
+                    return;
+                }
+            };
+            let assignment = Assignment {
+                node: self.config.node_name.clone(),
+                grant,
+            };
+            let patch = serde_json::json!({
+                "metadata": {
+                    "resourceVersion": pod.metadata.resource_version,
+                    "annotations": assignment.annotations(),
+                }
+            });
+            let api = self.pods(&spec.namespace);
+            match api
+                .patch(&spec.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    self.write_files(&spec, &assignment);
+                    info!(
+                        pod = %spec.key(),
+                        gpus = %assignment.grant.gpu_uuids.join(","),
+                        tflops_request = assignment.grant.request.tflops,
+                        vram_request = assignment.grant.request.vram_bytes,
+                        "Assigned GPU share"
+                    );
+                    let mut state = self.state.lock().await;
+                    state.allocations_total += 1;
+                    state.pending.remove(&uid);
+                    state.workers.insert(uid, WorkerRecord { spec, assignment });
+                    let first_worker = state.workers.len() == 1;
+                    drop(state);
+                    if first_worker {
+                        self.publish_node_status().await;
+                    }
+                    return;
+                }
+                Err(error) => {
+                    self.state.lock().await.allocator.release(&uid);
+                    match &error {
+                        kube::Error::Api(status) if status.code == 409 => {
+                            debug!(pod = %spec.key(), "Pod changed under the assignment; re-reading it");
+                            match api.get_opt(&spec.name).await {
+                                Ok(Some(fresh)) if fresh.metadata.uid.as_deref() == Some(&uid) => {
+                                    if Assignment::from_pod(&fresh).ok().flatten().is_some() {
+                                        Box::pin(self.reconcile(fresh)).await;
+                                        return;
+                                    }
+                                    pod = fresh;
+                                }
+                                _ => return,
+                            }
+                        }
+                        kube::Error::Api(status) if status.code == 404 => return,
+                        _ => {
+                            warn!(pod = %spec.key(), %error, "Failed to record the assignment; will retry");
+                            self.state.lock().await.pending.insert(
+                                uid,
+                                PendingWorker {
+                                    spec,
+                                    reason: format!("recording the assignment failed: {error}"),
+                                },
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records why a pod got nothing: annotation and Event (once per distinct reason).
+    async fn refuse(&self, pod: &Pod, spec: Option<WorkerSpec>, reason: String) {
+        let key = pod_key(pod);
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        {
+            let mut state = self.state.lock().await;
+            state.allocation_failures_total += 1;
+            let unchanged = state
+                .pending
+                .get(&uid)
+                .is_some_and(|pending| pending.reason == reason);
+            if let Some(spec) = spec {
+                state.pending.insert(
+                    uid.clone(),
+                    PendingWorker {
+                        spec,
+                        reason: reason.clone(),
+                    },
+                );
+            }
+            if unchanged {
+                return;
+            }
+        }
+        warn!(pod = %key, reason = %reason, "No GPU for shared pod");
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let patch =
+            serde_json::json!({ "metadata": { "annotations": { ALLOCATION_FAILED: reason } } });
+        if let Err(error) = self
+            .pods(&namespace)
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(pod = %key, %error, "Failed to annotate the allocation failure");
+        }
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "GPUAllocationFailed".to_owned(),
+            note: Some(truncate(&reason, 1000)),
+            action: "AllocateGPU".to_owned(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &pod.object_ref(&())).await {
+            warn!(pod = %key, %error, "Failed to publish the allocation failure event");
+        }
+    }
+
+    async fn release(&self, uid: &str, key: &str, why: &str) {
+        let released = {
+            let mut state = self.state.lock().await;
+            state.pending.remove(uid);
+            state.workers.remove(uid);
+            state.allocator.release(uid)
+        };
+        if let Err(error) = remove_pod_dir(&self.config.host_root, uid) {
+            warn!(pod = %key, %error, "Failed to remove the pod directory");
+        }
+        if let Some(grant) = released {
+            info!(pod = %key, gpus = %grant.gpu_uuids.join(","), why, "Released GPU share");
+            self.retry_pending().await;
+        }
+    }
+
+    async fn forget(&self, pod: &Pod) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        self.release(&uid, &pod_key(pod), "pod deleted").await;
+    }
+
+    /// Tries the waiting pods again (after something was freed or the native set changed).
+    pub async fn retry_pending(&self) {
+        let waiting: Vec<PendingWorker> =
+            self.state.lock().await.pending.values().cloned().collect();
+        for pending in waiting {
+            match self
+                .pods(&pending.spec.namespace)
+                .get_opt(&pending.spec.name)
+                .await
+            {
+                Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(&pending.spec.uid) => {
+                    Box::pin(self.reconcile(pod)).await;
+                }
+                Ok(_) => {
+                    self.state.lock().await.pending.remove(&pending.spec.uid);
+                }
+                Err(error) => {
+                    warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
+                }
+            }
+        }
+    }
+
+    /// Writes the node's extended resources and labels.
+    pub async fn publish_node_status(&self) {
+        let (tflops, vram, count, model, hosts_shared) = {
+            let state = self.state.lock().await;
+            let gpus: Vec<GpuCapacity> = state
+                .allocator
+                .gpus()
+                .iter()
+                .map(|gpu| gpu.capacity.clone())
+                .collect();
+            let (tflops, vram) = advertised(&gpus);
+            let model = state.gpus.first().map(|gpu| model_label(&gpu.model));
+            (
+                tflops,
+                vram,
+                state.gpus.len(),
+                model,
+                !state.workers.is_empty(),
+            )
+        };
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let resources = serde_json::json!({
+            TFLOPS_RESOURCE: tflops.to_string(),
+            VRAM_RESOURCE: vram.to_string(),
+        });
+        let status = serde_json::json!({
+            "status": { "capacity": resources, "allocatable": resources }
+        });
+        if let Err(error) = nodes
+            .patch_status(
+                &self.config.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&status),
+            )
+            .await
+        {
+            warn!(node = %self.config.node_name, %error, "Failed to update node capacity");
+        }
+        let labels = serde_json::json!({ "metadata": { "labels": {
+            MODEL_LABEL: model,
+            COUNT_LABEL: count.to_string(),
+            SHARED_LABEL: hosts_shared.then_some("true"),
+        }}});
+        if let Err(error) = nodes
+            .patch(
+                &self.config.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&labels),
+            )
+            .await
+        {
+            warn!(node = %self.config.node_name, %error, "Failed to update node labels");
+        }
+    }
+
+    /// Polls the device plugin's native GPUs and applies changes while the agent runs.
+    pub async fn run_native_poll(self: Arc<Self>) {
+        let source = NativeSource {
+            socket: self.config.pod_resources_socket.clone(),
+            checkpoint: self.config.device_plugin_checkpoint.clone(),
+        };
+        let mut interval = tokio::time::interval(self.config.native_poll());
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match source.native_gpus().await {
+                Ok((native, origin)) => {
+                    self.apply_native(native, origin).await;
+                }
+                Err(error) => warn!(%error, "Failed to read GPUs held by native pods"),
+            }
+        }
+    }
+
+    /// Marks the GPUs held by native pods; returns whether anything changed.
+    pub async fn apply_native(&self, native: BTreeSet<String>, origin: NativeOrigin) -> bool {
+        let changed = {
+            let mut state = self.state.lock().await;
+            state.native_origin = Some(origin);
+            if state.native_gpus == native {
+                false
+            } else {
+                state.allocator.set_native(&native);
+                for record in state.workers.values() {
+                    for uuid in record
+                        .assignment
+                        .grant
+                        .gpu_uuids
+                        .iter()
+                        .filter(|uuid| native.contains(*uuid))
+                    {
+                        warn!(pod = %record.spec.key(), gpu = %uuid, "Device plugin gave a GPU with shared workers to a native pod");
+                    }
+                }
+                info!(native = ?native, source = ?origin, "GPUs held by native pods changed");
+                state.native_gpus = native;
+                true
+            }
+        };
+        if changed {
+            self.publish_node_status().await;
+            self.retry_pending().await;
+        }
+        changed
+    }
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!(
+        "{}/{}",
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+        pod.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn reason_text(error: &AllocationError) -> String {
+    error.to_string()
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
