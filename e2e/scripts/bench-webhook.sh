@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The webhook over HTTPS under load (docs/benchmarks.md): throughput at 64 connections and
+# latency at a fixed 2,000 reviews/s, for non-canary and canary pods.
+#
+#   e2e/scripts/bench-webhook.sh [SECONDS]
+#
+# Non-canary and "canary, in-process slots" run against the `bench_server` example (the real
+# admission path and TLS stack, slots kept in memory). "canary, Lease slots" runs the real
+# binary against a local cluster of its own, where every review past the quota lists the
+# owner's Leases and pods from the API server. The load generator is oha (crates.io), installed
+# into the tool cache on first use. Client and server share this machine's cores.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
+
+SECONDS_PER_RUN=${1:-10}
+OHA_VERSION=1.16.0
+OHA=$TF_CACHE_DIR/tools/oha-$OHA_VERSION/bin/oha
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
+WORK=$(mktemp -d)
+PIDS=()
+export TF_E2E_STATE=$WORK/cluster TF_E2E_PORT_OFFSET=600
+
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if [ ! -x "$OHA" ]; then
+  log "installing oha $OHA_VERSION (first time only)"
+  cargo install oha --version "$OHA_VERSION" --locked --root "$TF_CACHE_DIR/tools/oha-$OHA_VERSION"
+fi
+log "building the webhook (release)"
+(cd "$REPO_DIR" && cargo build --quiet --release -p tensor-fusion-webhook -p tensor-fusion-certs \
+  --example bench_server)
+"$TARGET_DIR/release/tensor-fusion-certs" generate --out-dir "$WORK" --ip 127.0.0.1 >/dev/null
+
+fixture=$REPO_DIR/webhook/tests/fixtures/canary-pod-review.json
+python3 - "$fixture" "$WORK" <<'PY'
+import json, sys
+review = json.load(open(sys.argv[1]))
+json.dump(review, open(sys.argv[2] + "/canary.json", "w"))
+del review["request"]["object"]["metadata"]["annotations"]["tensor-fusion.ai/enabled-replicas"]
+json.dump(review, open(sys.argv[2] + "/plain.json", "w"))
+PY
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  die "nothing listens on port $1"
+}
+
+# run NAME URL BODY: one throughput run (64 connections) and one fixed-rate run (2,000/s).
+run() {
+  local name=$1 url=$2 body=$3
+  local common=(--no-tui --output-format json --insecure -m POST -T application/json -D "$body"
+    -z "${SECONDS_PER_RUN}s")
+  "$OHA" "${common[@]}" -c 64 "$url" >"$WORK/throughput.json"
+  "$OHA" "${common[@]}" -c 64 -q 2000 --latency-correction "$url" >"$WORK/rate.json"
+  python3 - "$name" "$WORK/throughput.json" "$WORK/rate.json" <<'PY'
+import json, sys
+name, throughput, rate = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+def ok(run):
+    codes = run.get("statusCodeDistribution", {})
+    return sum(v for k, v in codes.items() if k == "200"), sum(codes.values())
+t_ok, t_all = ok(throughput)
+r_ok, r_all = ok(rate)
+p = rate["latencyPercentiles"]
+print(f"| {name} | {throughput['summary']['requestsPerSec']:,.0f} | {t_ok}/{t_all} | "
+      f"{rate['summary']['requestsPerSec']:,.0f} | {p['p50']*1000:.2f} ms | {p['p99']*1000:.2f} ms | {r_ok}/{r_all} |")
+PY
+}
+
+echo
+echo "| reviews | throughput at c=64 (reviews/s) | 200s | fixed-rate achieved (reviews/s) | p50 at 2,000/s | p99 at 2,000/s | 200s |"
+echo "|---|---|---|---|---|---|---|"
+
+"$TARGET_DIR/release/examples/bench_server" 127.0.0.1:18443 "$WORK" 2>/dev/null &
+PIDS+=($!)
+wait_port 18443
+run "non-canary (shared, no enabled-replicas)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/plain.json"
+run "canary, in-process slots (quota full: native)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/canary.json"
+
+"$E2E_DIR/scripts/cluster.sh" up >/dev/null 2>&1
+export KUBECONFIG=$TF_E2E_STATE/kubeconfig
+kubectl create namespace ml >/dev/null
+"$TARGET_DIR/release/tensor-fusion-webhook" --listen 127.0.0.1:18444 --ops-listen 127.0.0.1:18091 \
+  --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" 2>"$WORK/webhook.log" &
+PIDS+=($!)
+wait_port 18444
+run "canary, Lease slots on the local API server (quota full: native)" \
+  https://127.0.0.1:18444/mutate-v1-pod "$WORK/canary.json"
