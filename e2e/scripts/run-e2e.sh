@@ -21,7 +21,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-(cd "$REPO_DIR" && cargo build --quiet -p tensor-fusion-webhook)
+(cd "$REPO_DIR" && cargo build --quiet -p tensor-fusion-webhook -p tensor-fusion-node-agent -p tensor-fusion-mock-nvml)
 "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
 "$E2E_DIR/scripts/cluster.sh" up >/dev/null
 export TF_E2E_KUBECONFIG=$TF_E2E_STATE/kubeconfig

@@ -5,7 +5,9 @@
 //! find it through `TF_E2E_KUBECONFIG`. Without that variable the tests print that they were
 //! skipped and pass, so `cargo test --workspace` works on a machine without the cluster.
 
+pub mod agent;
 pub mod balancer;
+pub mod helm;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,149 @@
+//! Node agent processes for the e2e tests: one `tensor-fusion-node-agent` per kwok node, each on
+//! the mock NVML (`libtensor_fusion_mock_nvml.so`, GPU count and memory from `TF_MOCK_*`) with
+//! its own host root (the `/run/tensor-fusion` of that node) and device plugin checkpoint path.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::{Cluster, balancer, free_port, wait_for};
+
+/// A binary or library next to this test executable (`cargo build` puts them in the same
+/// target directory).
+fn built_artifact(name: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test executable has no target directory")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!("{} not found: run `{build_hint}` first", path.display());
+    }
+    Ok(path)
+}
+
+/// The mock GPUs one agent sees.
+#[derive(Debug, Clone, Copy)]
+pub struct MockGpus {
+    pub count: u32,
+    pub vram_bytes: u64,
+}
+
+/// A node agent process, killed when dropped. Its host root and checkpoint directory outlive a
+/// [`AgentProcess::kill`], so a restart finds what the killed process left.
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub node: String,
+    pub port: u16,
+    pub host_root: PathBuf,
+    pub checkpoint: PathBuf,
+    gpus: MockGpus,
+    kubeconfig: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent for `node` in a fresh temporary host root under `dir`.
+    pub async fn start(
+        cluster: &Cluster,
+        dir: &Path,
+        node: &str,
+        gpus: MockGpus,
+    ) -> anyhow::Result<Self> {
+        let host_root = dir.join(node).join("run");
+        std::fs::create_dir_all(&host_root)?;
+        let mut agent = Self {
+            child: None,
+            node: node.to_owned(),
+            port: free_port(),
+            host_root,
+            checkpoint: dir.join(node).join("kubelet_internal_checkpoint"),
+            gpus,
+            kubeconfig: cluster.kubeconfig.clone(),
+            log: std::env::temp_dir().join(format!("tf-agent-{node}.log")),
+        };
+        agent.spawn().await?;
+        Ok(agent)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let binary = built_artifact(
+            "tensor-fusion-node-agent",
+            "cargo build -p tensor-fusion-node-agent",
+        )?;
+        let nvml = built_artifact(
+            "libtensor_fusion_mock_nvml.so",
+            "cargo build -p tensor-fusion-mock-nvml",
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(binary)
+            .args(["--node-name", &self.node])
+            .arg("--host-root")
+            .arg(&self.host_root)
+            .arg("--nvml-path")
+            .arg(nvml)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--pod-resources-socket")
+            .arg(self.host_root.join("no-kubelet.sock"))
+            .arg("--device-plugin-checkpoint")
+            .arg(&self.checkpoint)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("TF_MOCK_GPU_COUNT", self.gpus.count.to_string())
+            .env("TF_MOCK_VRAM_BYTES", self.gpus.vram_bytes.to_string())
+            .env("TF_LOG_LEVEL", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting tensor-fusion-node-agent")?;
+        self.child = Some(child);
+        wait_for(
+            "the node agent to list its pods",
+            Duration::from_secs(30),
+            || async {
+                Ok(self
+                    .get("/healthz")
+                    .await
+                    .is_ok_and(|(status, _)| status == 200))
+            },
+        )
+        .await
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again with the same node, host root and checkpoint path.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// GET on the agent's HTTP endpoint: (status, body).
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        balancer::plain_get(self.port, path).await
+    }
+
+    /// `GET /api/allocation` as JSON.
+    pub async fn allocation(&self) -> anyhow::Result<serde_json::Value> {
+        let (status, body) = self.get("/api/allocation").await?;
+        anyhow::ensure!(status == 200, "GET /api/allocation: {status} {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

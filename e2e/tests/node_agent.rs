@@ -1,0 +1,605 @@
+//! The node agent against the real local control plane: two kwok GPU nodes, one agent process
+//! each on the mock NVML. Shared pods are created the way the webhook leaves them (annotation
+//! `tensor-fusion.ai/injected`, the `TF_*` environment and the extended resources), without the
+//! enabled label, so they do not depend on a webhook registration.
+//!
+//! Run by `make test` (which starts the cluster); skipped without `TF_E2E_KUBECONFIG`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tensor_fusion_e2e::agent::{AgentProcess, MockGpus};
+use tensor_fusion_e2e::{Cluster, annotation, wait_for};
+
+const GIB: u64 = 1 << 30;
+const NODES: [&str; 2] = ["gpu-node-1", "gpu-node-2"];
+const ASSIGNMENT: &str = "tensor-fusion.ai/assignment";
+
+/// Tests start agents on the same nodes, so they run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Puts the capacity and labels of `cluster.sh`'s node manifest back when a test ends, so the
+/// webhook tests that run later see the nodes as they were.
+struct RestoreNodes {
+    client: kube::Client,
+}
+
+impl RestoreNodes {
+    async fn restore(&self) {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let resources =
+            json!({ "tensor-fusion.ai/tflops": "8000", "tensor-fusion.ai/vram": "1140Gi" });
+        let status = json!({ "status": { "capacity": resources, "allocatable": resources } });
+        let labels = json!({ "metadata": { "labels": {
+            "tensor-fusion.ai/gpu-model": null,
+            "tensor-fusion.ai/gpu-count": null,
+            "tensor-fusion.ai/hosts-shared-workers": null,
+        }}});
+        for node in NODES {
+            let _ = nodes
+                .patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
+                .await;
+            let _ = nodes
+                .patch(node, &PatchParams::default(), &Patch::Merge(&labels))
+                .await;
+        }
+    }
+}
+
+/// A shared pod template as the webhook would leave it: per-GPU TFLOPS 100/200 and `vram`
+/// bytes, pinned to the two agent nodes.
+fn shared_template(app: &str, vram: u64) -> Value {
+    json!({
+        "metadata": {
+            "labels": { "app": app },
+            "annotations": { "tensor-fusion.ai/injected": "true" }
+        },
+        "spec": {
+            "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{ "matchExpressions": [{
+                    "key": "kubernetes.io/hostname", "operator": "In", "values": NODES
+                }]}]
+            }}},
+            "containers": [{
+                "name": "python",
+                "image": "registry.local/inference:1.4",
+                "env": [
+                    { "name": "TF_POD_UID", "valueFrom": { "fieldRef": { "fieldPath": "metadata.uid" } } },
+                    { "name": "TF_CONTAINER_NAME", "value": "python" },
+                    { "name": "TF_GPU_COUNT", "value": "1" },
+                    { "name": "TF_TFLOPS_REQUEST", "value": "100" },
+                    { "name": "TF_TFLOPS_LIMIT", "value": "200" },
+                    { "name": "TF_VRAM_REQUEST", "value": vram.to_string() },
+                    { "name": "TF_VRAM_LIMIT", "value": vram.to_string() },
+                    { "name": "TF_POD_DIR", "value": "/run/tensor-fusion/pod" }
+                ],
+                "resources": {
+                    "requests": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() },
+                    "limits": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() }
+                }
+            }]
+        }
+    })
+}
+
+fn deployment(app: &str, replicas: i32, vram: u64) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": { "name": app },
+        "spec": {
+            "replicas": replicas,
+            "selector": { "matchLabels": { "app": app } },
+            "template": shared_template(app, vram)
+        }
+    }))
+    .expect("a valid Deployment")
+}
+
+/// The assignment recorded on a pod: (node, GPU UUIDs, VRAM request).
+fn assignment(pod: &Pod) -> Option<(String, Vec<String>, u64)> {
+    let value: Value = serde_json::from_str(annotation(pod, ASSIGNMENT)?).ok()?;
+    let gpus = value["gpuUuids"]
+        .as_array()?
+        .iter()
+        .filter_map(|uuid| uuid.as_str().map(str::to_owned))
+        .collect();
+    Some((
+        value["node"].as_str()?.to_owned(),
+        gpus,
+        value["request"]["vramBytes"].as_u64()?,
+    ))
+}
+
+fn node_of(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.node_name.as_deref()
+}
+
+/// VRAM requested per (node, GPU) according to the pod annotations.
+fn vram_by_gpu(pods: &[Pod]) -> BTreeMap<(String, String), u64> {
+    let mut sums = BTreeMap::new();
+    for pod in pods {
+        if let Some((node, gpus, vram)) = assignment(pod) {
+            for gpu in gpus {
+                *sums.entry((node.clone(), gpu)).or_default() += vram;
+            }
+        }
+    }
+    sums
+}
+
+async fn start_agents(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    gpus: MockGpus,
+) -> anyhow::Result<Vec<AgentProcess>> {
+    let mut agents = Vec::new();
+    for node in NODES {
+        agents.push(AgentProcess::start(cluster, dir, node, gpus).await?);
+    }
+    // The scheduler must see the agents' capacity before the pods arrive.
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let expected = (u64::from(gpus.count) * gpus.vram_bytes).to_string();
+    wait_for(
+        "the nodes to advertise the agents' VRAM",
+        Duration::from_secs(30),
+        || async {
+            for node in NODES {
+                let node = nodes.get(node).await?;
+                let allocatable = node.status.and_then(|status| status.allocatable);
+                let vram = allocatable
+                    .as_ref()
+                    .and_then(|resources| resources.get("tensor-fusion.ai/vram"))
+                    .map(|quantity| quantity.0.clone());
+                if vram.as_deref() != Some(expected.as_str()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await?;
+    Ok(agents)
+}
+
+async fn scheduled_pods(cluster: &Cluster, namespace: &str, app: &str) -> anyhow::Result<Vec<Pod>> {
+    Ok(cluster
+        .live_pods(namespace, &format!("app={app}"))
+        .await?
+        .into_iter()
+        .filter(|pod| node_of(pod).is_some())
+        .collect())
+}
+
+#[tokio::test]
+async fn shared_pods_get_gpus_within_capacity_and_a_misfit_gets_an_event() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let restore = RestoreNodes {
+        client: cluster.client.clone(),
+    };
+    let dir = tempfile::tempdir()?;
+    // Two mock H100s of 16 GiB per node: the scheduler sees 32 GiB per node.
+    let gpus = MockGpus {
+        count: 2,
+        vram_bytes: 16 * GIB,
+    };
+    let agents = start_agents(&cluster, dir.path(), gpus).await?;
+    let namespace = cluster.namespace("tf-agent").await?;
+    let ns = namespace.name.as_str();
+
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let labels = nodes
+        .get(NODES[0])
+        .await?
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        labels.get("tensor-fusion.ai/gpu-model").map(String::as_str),
+        Some("NVIDIA-H100-80GB-HBM3")
+    );
+    assert_eq!(
+        labels.get("tensor-fusion.ai/gpu-count").map(String::as_str),
+        Some("2")
+    );
+
+    // 10 GiB workers: the scheduler fits 3 per node (30 of 32 GiB), but one GPU holds only one.
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("big", 6, 10 * GIB))
+        .await?;
+    wait_for(
+        "6 scheduled pods with an outcome",
+        Duration::from_secs(90),
+        || async {
+            let pods = scheduled_pods(&cluster, ns, "big").await?;
+            Ok(pods.len() == 6
+                && pods.iter().all(|pod| {
+                    annotation(pod, ASSIGNMENT).is_some()
+                        || annotation(pod, "tensor-fusion.ai/allocation-failed").is_some()
+                }))
+        },
+    )
+    .await?;
+    let pods = scheduled_pods(&cluster, ns, "big").await?;
+    let assigned: Vec<&Pod> = pods
+        .iter()
+        .filter(|pod| assignment(pod).is_some())
+        .collect();
+    let refused: Vec<&Pod> = pods
+        .iter()
+        .filter(|pod| assignment(pod).is_none())
+        .collect();
+    assert_eq!(assigned.len(), 4, "one 10 GiB worker per 16 GiB GPU");
+    assert_eq!(refused.len(), 2);
+    for ((node, gpu), vram) in vram_by_gpu(&pods) {
+        assert_eq!(vram, 10 * GIB, "{node} {gpu} holds exactly one worker");
+    }
+    for pod in &assigned {
+        let (node, gpus, _) = assignment(pod).unwrap_or_default();
+        assert_eq!(
+            Some(node.as_str()),
+            node_of(pod),
+            "assigned by its own node's agent"
+        );
+        // The interposer's file is in the pod's directory under that node's host root.
+        let agent = agents
+            .iter()
+            .find(|agent| agent.node == node)
+            .expect("an agent per node");
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let limits = std::fs::read_to_string(
+            agent
+                .host_root
+                .join("pods")
+                .join(&uid)
+                .join("python.limits"),
+        )?;
+        assert!(
+            limits.contains(&format!("gpu_uuids={}\n", gpus.join(","))),
+            "{limits}"
+        );
+        assert!(
+            limits.contains("tflops_limit=200\ngpu_tflops=989\n"),
+            "{limits}"
+        );
+        assert!(
+            limits.contains(&format!("vram_limit={}\n", 10 * GIB)),
+            "{limits}"
+        );
+        assert_eq!(
+            annotation(pod, "tensor-fusion.ai/assigned-gpus"),
+            Some(gpus.join(",").as_str())
+        );
+    }
+    // The misfits say why, on the pod and as an Event.
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), ns);
+    for pod in &refused {
+        let reason = annotation(pod, "tensor-fusion.ai/allocation-failed").unwrap_or_default();
+        assert!(
+            reason.starts_with("no GPU fits: 0 of 1 wanted GPUs fit request 100 TFLOPS"),
+            "{reason}"
+        );
+        assert!(reason.contains("fragmented: the node has"), "{reason}");
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        wait_for(
+            "the GPUAllocationFailed event",
+            Duration::from_secs(30),
+            || async {
+                let list = events
+                    .list(&ListParams::default().fields(&format!("involvedObject.name={name}")))
+                    .await?;
+                Ok(list.items.iter().any(|event| {
+                    event.reason.as_deref() == Some("GPUAllocationFailed")
+                        && event
+                            .message
+                            .as_deref()
+                            .is_some_and(|message| message.contains("fragmented"))
+                }))
+            },
+        )
+        .await?;
+    }
+    let described = cluster.kubectl(&[
+        "describe",
+        "pod",
+        "-n",
+        ns,
+        refused[0].metadata.name.as_deref().unwrap_or_default(),
+    ])?;
+    assert!(described.contains("GPUAllocationFailed"), "{described}");
+
+    // Deleting an assigned pod frees its GPU; the agent gives it to a waiting pod.
+    let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let victim = assigned[0].metadata.name.clone().unwrap_or_default();
+    let victim_uid = assigned[0].metadata.uid.clone().unwrap_or_default();
+    let victim_node = node_of(assigned[0]).unwrap_or_default().to_owned();
+    pod_api.delete(&victim, &DeleteParams::default()).await?;
+    wait_for(
+        "a waiting pod to get the freed GPU",
+        Duration::from_secs(60),
+        || async {
+            let pods = scheduled_pods(&cluster, ns, "big").await?;
+            let on_node = pods.iter().filter(|pod| node_of(pod) == Some(&victim_node));
+            Ok(on_node.filter(|pod| assignment(pod).is_some()).count() == 2)
+        },
+    )
+    .await?;
+    let agent = agents
+        .iter()
+        .find(|agent| agent.node == victim_node)
+        .expect("an agent per node");
+    assert!(
+        !agent.host_root.join("pods").join(&victim_uid).exists(),
+        "the deleted pod's directory is gone"
+    );
+
+    let allocation = agent.allocation().await?;
+    assert_eq!(allocation["gpus"].as_array().map(Vec::len), Some(2));
+    assert_eq!(allocation["gpus"][0]["physical"]["tflops"], 989.0);
+    let (_, metrics) = agent.get("/metrics").await?;
+    assert!(
+        metrics.contains(&format!(
+            "tensor_fusion_agent_gpu_vram_capacity_bytes{{gpu=\"{}\"}} {}",
+            allocation["gpus"][0]["uuid"].as_str().unwrap_or_default(),
+            16 * GIB
+        )),
+        "{metrics}"
+    );
+
+    deployments.delete("big", &DeleteParams::default()).await?;
+    drop(agents);
+    restore.restore().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let restore = RestoreNodes {
+        client: cluster.client.clone(),
+    };
+    let dir = tempfile::tempdir()?;
+    // 4 GPUs of 16 GiB per node, 4 GiB workers: 16 per node, 32 in all, for 30 pods.
+    let gpus = MockGpus {
+        count: 4,
+        vram_bytes: 16 * GIB,
+    };
+    let mut agents = start_agents(&cluster, dir.path(), gpus).await?;
+    let namespace = cluster.namespace("tf-agent-crash").await?;
+    let ns = namespace.name.as_str();
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    deployments
+        .create(&PostParams::default(), &deployment("burst", 30, 4 * GIB))
+        .await?;
+
+    // SIGKILL the first agent as soon as it has assigned a few pods, while the burst goes on.
+    wait_for(
+        "the first assignments on gpu-node-1",
+        Duration::from_secs(60),
+        || async {
+            let pods = scheduled_pods(&cluster, ns, "burst").await?;
+            Ok(pods
+                .iter()
+                .filter(|pod| node_of(pod) == Some(NODES[0]) && assignment(pod).is_some())
+                .count()
+                >= 3)
+        },
+    )
+    .await?;
+    agents[0].kill();
+    let assigned_at_kill = scheduled_pods(&cluster, ns, "burst")
+        .await?
+        .iter()
+        .filter(|pod| node_of(pod) == Some(NODES[0]) && assignment(pod).is_some())
+        .count();
+    agents[0].restart().await?;
+
+    wait_for("30 assigned pods", Duration::from_secs(90), || async {
+        let pods = scheduled_pods(&cluster, ns, "burst").await?;
+        Ok(pods.len() == 30 && pods.iter().all(|pod| assignment(pod).is_some()))
+    })
+    .await?;
+    let pods = scheduled_pods(&cluster, ns, "burst").await?;
+    eprintln!("{assigned_at_kill} pods were assigned on gpu-node-1 when its agent was killed");
+
+    // No GPU over-committed: at most 16 GiB of requests on each.
+    let sums = vram_by_gpu(&pods);
+    for ((node, gpu), vram) in &sums {
+        assert!(
+            *vram <= 16 * GIB,
+            "{node} {gpu} has {vram} bytes of requests"
+        );
+    }
+    assert_eq!(sums.values().sum::<u64>(), 30 * 4 * GIB);
+    // Each pod once, on its own node, in the agent's state exactly as annotated.
+    for agent in &agents {
+        let allocation = agent.allocation().await?;
+        let workers = allocation["workers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let on_node: Vec<&Pod> = pods
+            .iter()
+            .filter(|pod| node_of(pod) == Some(&agent.node))
+            .collect();
+        assert_eq!(workers.len(), on_node.len(), "{} workers", agent.node);
+        let uids: BTreeSet<&str> = workers
+            .iter()
+            .filter_map(|worker| worker["spec"]["uid"].as_str())
+            .collect();
+        assert_eq!(uids.len(), workers.len(), "no pod twice");
+        for pod in on_node {
+            let (node, gpus, _) = assignment(pod).unwrap_or_default();
+            assert_eq!(node, agent.node);
+            let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+            let worker = workers
+                .iter()
+                .find(|worker| worker["spec"]["uid"] == uid)
+                .expect("the pod is a worker");
+            assert_eq!(worker["assignment"]["gpuUuids"], json!(gpus));
+            assert!(
+                agent
+                    .host_root
+                    .join("pods")
+                    .join(uid)
+                    .join("python.limits")
+                    .exists()
+            );
+        }
+        let allocated: u64 = allocation["gpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|gpu| gpu["requested"]["vramBytes"].as_u64())
+            .sum();
+        let annotated: u64 = sums
+            .iter()
+            .filter(|((node, _), _)| node == &agent.node)
+            .map(|(_, vram)| vram)
+            .sum();
+        assert_eq!(
+            allocated, annotated,
+            "{}: the agent holds exactly what the pods record",
+            agent.node
+        );
+    }
+
+    // Everything goes back when the pods go: no leaked share, no leftover directory.
+    deployments
+        .delete("burst", &DeleteParams::default())
+        .await?;
+    let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let _ = pod_api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=burst"),
+        )
+        .await;
+    for agent in &agents {
+        wait_for(
+            "the agent to free every share",
+            Duration::from_secs(60),
+            || async {
+                let allocation = agent.allocation().await?;
+                let requested: u64 = allocation["gpus"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|gpu| gpu["requested"]["vramBytes"].as_u64())
+                    .sum();
+                Ok(requested == 0 && allocation["workers"].as_array().is_some_and(Vec::is_empty))
+            },
+        )
+        .await?;
+        assert_eq!(std::fs::read_dir(agent.host_root.join("pods"))?.count(), 0);
+    }
+    drop(agents);
+    restore.restore().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn native_gpus_in_the_checkpoint_are_avoided_while_the_agent_runs() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let restore = RestoreNodes {
+        client: cluster.client.clone(),
+    };
+    let dir = tempfile::tempdir()?;
+    let gpus = MockGpus {
+        count: 2,
+        vram_bytes: 16 * GIB,
+    };
+    let agents = start_agents(&cluster, dir.path(), gpus).await?;
+    let agent = &agents[0];
+    let first_gpu = agent.allocation().await?["gpus"][0]["uuid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    // The device plugin hands the first GPU to a native pod after the agent started.
+    let checkpoint = json!({
+        "Data": {
+            "PodDeviceEntries": [{
+                "PodUID": "3f0c9a8e-native", "ContainerName": "cuda", "ResourceName": "nvidia.com/gpu",
+                "DeviceIDs": { "0": [first_gpu] }, "AllocResp": "CgQKAA=="
+            }],
+            "RegisteredDevices": { "nvidia.com/gpu": [first_gpu] }
+        },
+        "Checksum": 2845392012u64
+    });
+    std::fs::write(&agent.checkpoint, serde_json::to_vec(&checkpoint)?)?;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_for(
+        "the node to advertise one GPU less",
+        Duration::from_secs(30),
+        || async {
+            let node = nodes.get(&agent.node).await?;
+            let vram = node
+                .status
+                .and_then(|status| status.allocatable)
+                .and_then(|resources| {
+                    resources
+                        .get("tensor-fusion.ai/vram")
+                        .map(|quantity| quantity.0.clone())
+                });
+            Ok(vram == Some((16 * GIB).to_string()))
+        },
+    )
+    .await?;
+    let allocation = agent.allocation().await?;
+    assert_eq!(allocation["nativeGpus"], json!([first_gpu]));
+    assert_eq!(allocation["nativeSource"], "checkpoint");
+
+    // A shared pod on that node gets the other GPU.
+    let namespace = cluster.namespace("tf-agent-native").await?;
+    let ns = namespace.name.as_str();
+    let mut template = shared_template("coexist", 4 * GIB);
+    template["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] = json!([agent.node]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "coexist", "labels": template["metadata"]["labels"], "annotations": template["metadata"]["annotations"] },
+        "spec": template["spec"]
+    }))?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await?;
+    wait_for(
+        "the shared pod's assignment",
+        Duration::from_secs(60),
+        || async {
+            Ok(pods
+                .get("coexist")
+                .await
+                .ok()
+                .as_ref()
+                .and_then(assignment)
+                .is_some())
+        },
+    )
+    .await?;
+    let (_, assigned, _) = assignment(&pods.get("coexist").await?).unwrap_or_default();
+    assert_eq!(assigned.len(), 1);
+    assert_ne!(
+        assigned[0], first_gpu,
+        "the native pod's GPU is never shared"
+    );
+
+    drop(agents);
+    restore.restore().await;
+    Ok(())
+}
