@@ -55,6 +55,10 @@ fn disk_size(path: &std::path::Path) -> Option<u64> {
     }
     // SAFETY: statvfs succeeded, so it filled the struct.
     let stats = unsafe { stats.assume_init() };
+    #[allow(
+        clippy::useless_conversion,
+        reason = "the field types differ between targets"
+    )]
     Some(u64::from(stats.f_blocks).saturating_mul(u64::from(stats.f_frsize)))
 }
 
