@@ -2,16 +2,17 @@
 //!
 //! [`Admitter::review`] takes the raw HTTP body and returns the response body; everything in
 //! between is plain data: [`ShareSpec`] from the annotations, [`Plan`] for the containers,
-//! [`CanaryPlan`] and the [`SlotStore`] for the quota. The patch is the JSON diff between the pod
-//! as received and the pod as edited, so it touches nothing else.
+//! [`CanaryPlan`] and the [`SlotStore`] for the quota. The body is parsed once: the envelope into
+//! [`AdmissionRequest`], the pod into a JSON value that is edited in place. A shared pod's patch
+//! is the JSON diff between the pod as received and as edited, so it touches nothing else; a
+//! native pod's patch is the one annotation.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use base64::Engine;
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionReview, Operation};
-use serde::Serialize;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
@@ -48,6 +49,36 @@ pub enum ReviewError {
     Malformed(#[from] serde_json::Error),
     #[error("malformed AdmissionReview: it has no request")]
     NoRequest,
+}
+
+/// The parts of an `admission.k8s.io/v1` AdmissionReview this webhook reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn {
+    api_version: String,
+    request: Option<AdmissionRequest>,
+}
+
+/// One admission request; the object stays raw JSON so nothing in it is lost.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub kind: Kind,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: String,
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    #[serde(default)]
+    pub object: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Kind {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
 }
 
 /// The webhook's answer for one pod: allowed with an optional JSON patch, or denied.
@@ -101,9 +132,8 @@ impl<S: SlotStore> Admitter<S> {
 
     /// Answers one AdmissionReview body with the response body and the decision.
     pub async fn review(&self, body: &[u8]) -> Result<(Vec<u8>, Decision), ReviewError> {
-        let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)?;
-        let request: AdmissionRequest<DynamicObject> =
-            review.try_into().map_err(|_| ReviewError::NoRequest)?;
+        let review: ReviewIn = serde_json::from_slice(body)?;
+        let request = review.request.ok_or(ReviewError::NoRequest)?;
         let started = Instant::now();
         let verdict = self.admit(&request).await;
         metrics::histogram!("tensor_fusion_webhook_admission_duration_seconds")
@@ -118,7 +148,7 @@ impl<S: SlotStore> Admitter<S> {
             None => None,
         };
         let out = ReviewOut {
-            api_version: request.types.api_version.as_str(),
+            api_version: review.api_version.as_str(),
             kind: "AdmissionReview",
             response: ResponseOut {
                 uid: &request.uid,
@@ -135,28 +165,28 @@ impl<S: SlotStore> Admitter<S> {
     }
 
     /// Decides for one request.
-    pub async fn admit(&self, request: &AdmissionRequest<DynamicObject>) -> Verdict {
-        let Some(object) = request
-            .object
-            .as_ref()
-            .filter(|_| request.operation == Operation::Create && request.kind.kind == "Pod")
-        else {
+    pub async fn admit(&self, request: &AdmissionRequest) -> Verdict {
+        let Some(pod) = request.object.as_ref().filter(|_| {
+            request.operation == "CREATE"
+                && request.kind.kind == "Pod"
+                && request.kind.group.is_empty()
+        }) else {
             return Verdict::skipped();
         };
+        let metadata = match pod.get("metadata").map(ObjectMeta::deserialize).transpose() {
+            Ok(metadata) => metadata.unwrap_or_default(),
+            Err(error) => return deny("?", &format!("unreadable pod metadata: {error}")),
+        };
         let empty = BTreeMap::new();
-        let annotations = object.metadata.annotations.as_ref().unwrap_or(&empty);
+        let annotations = metadata.annotations.as_ref().unwrap_or(&empty);
         if annotations.contains_key(keys::INJECTED) || annotations.contains_key(keys::NATIVE) {
             return Verdict::skipped();
         }
-        let pod_key = pod_key(request, object);
-        let pod = match serde_json::to_value(object) {
-            Ok(pod) => pod,
-            Err(error) => return deny(&pod_key, &format!("unreadable pod: {error}")),
-        };
+        let pod_key = pod_key(request, &metadata);
 
         // Rollback must work even when the other annotations are broken, so `0` is read first.
         match read_enabled_replicas(annotations) {
-            Ok(Some(0)) => return native(&pod_key, pod, rolled_back_reason()),
+            Ok(Some(0)) => return native(&pod_key, &metadata, rolled_back_reason()),
             Ok(_) => {}
             Err(error) => return deny(&pod_key, &error.to_string()),
         }
@@ -164,7 +194,7 @@ impl<S: SlotStore> Admitter<S> {
             Ok(spec) => spec,
             Err(error) => return deny(&pod_key, &error.to_string()),
         };
-        let plan = match Plan::new(&pod, &spec) {
+        let plan = match Plan::new(pod, &spec) {
             Ok(plan) => plan,
             Err(error) => return deny(&pod_key, &error.to_string()),
         };
@@ -172,13 +202,13 @@ impl<S: SlotStore> Admitter<S> {
         let namespace = request
             .namespace
             .clone()
-            .or_else(|| object.metadata.namespace.clone())
+            .or_else(|| metadata.namespace.clone())
             .unwrap_or_else(|| "default".to_owned());
         let mut annotations_out = vec![(keys::INJECTED, "true".to_owned())];
         let mut labels_out = Vec::new();
-        match CanaryPlan::for_pod(&object.metadata, spec.enabled_replicas) {
+        match CanaryPlan::for_pod(&metadata, spec.enabled_replicas) {
             CanaryPlan::Unlimited => {}
-            CanaryPlan::RolledBack => return native(&pod_key, pod, rolled_back_reason()),
+            CanaryPlan::RolledBack => return native(&pod_key, &metadata, rolled_back_reason()),
             CanaryPlan::NoController => annotations_out.push((
                 keys::CANARY,
                 format!(
@@ -194,10 +224,10 @@ impl<S: SlotStore> Admitter<S> {
                     "StatefulSet ordinal {ordinal} is not below {} {limit}",
                     keys::ENABLED_REPLICAS
                 );
-                return native(&pod_key, pod, reason);
+                return native(&pod_key, &metadata, reason);
             }
             CanaryPlan::Slot { owner, limit } => {
-                let dry_run = request.dry_run;
+                let dry_run = request.dry_run.unwrap_or(false);
                 match self.slots.claim(&namespace, &owner, limit, dry_run).await {
                     Ok(SlotOutcome::Claimed { slot, claim_id }) => {
                         annotations_out.push((keys::CANARY, format!("{}/{limit}", slot + 1)));
@@ -206,12 +236,12 @@ impl<S: SlotStore> Admitter<S> {
                     }
                     Ok(SlotOutcome::Full { in_use }) => {
                         let reason = format!("canary quota {in_use}/{limit} in use");
-                        return native(&pod_key, pod, reason);
+                        return native(&pod_key, &metadata, reason);
                     }
                     Err(error) => {
                         warn!(pod = %pod_key, %error, "Canary slot undecided; leaving pod native");
                         let reason = format!("canary slot could not be checked: {error}");
-                        return native(&pod_key, pod, reason);
+                        return native(&pod_key, &metadata, reason);
                     }
                 }
             }
@@ -223,7 +253,7 @@ impl<S: SlotStore> Admitter<S> {
         annotations_out.insert(1, (keys::INJECTION, summary));
         set_metadata(&mut edited, "annotations", annotations_out);
         set_metadata(&mut edited, "labels", labels_out);
-        patched(&pod, &edited, Decision::Shared)
+        patched(pod, &edited, Decision::Shared)
     }
 }
 
@@ -234,9 +264,9 @@ fn rolled_back_reason() -> String {
     )
 }
 
-fn pod_key(request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> String {
+fn pod_key(request: &AdmissionRequest, metadata: &ObjectMeta) -> String {
     let namespace = request.namespace.as_deref().unwrap_or("default");
-    match (&object.metadata.name, &object.metadata.generate_name) {
+    match (&metadata.name, &metadata.generate_name) {
         (Some(name), _) if !name.is_empty() => format!("{namespace}/{name}"),
         (_, Some(prefix)) => format!("{namespace}/{prefix}*"),
         _ => format!("{namespace}/?"),
@@ -262,11 +292,22 @@ fn deny(pod_key: &str, message: &str) -> Verdict {
     }
 }
 
-fn native(pod_key: &str, pod: Value, reason: String) -> Verdict {
+/// Leaves the pod native: the patch adds the one annotation that says why.
+fn native(pod_key: &str, metadata: &ObjectMeta, reason: String) -> Verdict {
     info!(pod = %pod_key, decision = "native", reason = %reason, "Pod admitted");
-    let mut edited = pod.clone();
-    set_metadata(&mut edited, "annotations", vec![(keys::NATIVE, reason)]);
-    patched(&pod, &edited, Decision::Native)
+    let operation = if metadata.annotations.is_some() {
+        let path = format!("/metadata/annotations/{}", keys::NATIVE.replace('/', "~1"));
+        json!({ "op": "add", "path": path, "value": reason })
+    } else {
+        json!({ "op": "add", "path": "/metadata/annotations", "value": { keys::NATIVE: reason } })
+    };
+    let patch = serde_json::from_value(json!([operation]))
+        .expect("a JSON patch of one add operation with a valid pointer parses");
+    Verdict {
+        decision: Decision::Native,
+        patch: Some(patch),
+        denial: None,
+    }
 }
 
 fn patched(before: &Value, after: &Value, decision: Decision) -> Verdict {
