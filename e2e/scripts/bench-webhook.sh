@@ -34,7 +34,7 @@ if [ ! -x "$OHA" ]; then
 fi
 log "building the webhook (release)"
 (cd "$REPO_DIR" && cargo build --quiet --release -p tensor-fusion-webhook -p tensor-fusion-certs \
-  --example bench_server)
+  --bins --example bench_server)
 "$TARGET_DIR/release/tensor-fusion-certs" generate --out-dir "$WORK" --ip 127.0.0.1 >/dev/null
 
 fixture=$REPO_DIR/webhook/tests/fixtures/canary-pod-review.json
