@@ -22,6 +22,9 @@ cleanup() {
 trap cleanup EXIT
 
 (cd "$REPO_DIR" && cargo build --quiet -p tensor-fusion-webhook -p tensor-fusion-node-agent -p tensor-fusion-mock-nvml)
+# The chart tests (tests/helm.rs) need helm: built once into the cache, then put on PATH.
+"$E2E_DIR/scripts/build-binaries.sh" helm
+export PATH=$HELM_BIN:$PATH
 "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
 "$E2E_DIR/scripts/cluster.sh" up >/dev/null
 export TF_E2E_KUBECONFIG=$TF_E2E_STATE/kubeconfig
