@@ -285,8 +285,28 @@ impl SlotStore for LeaseSlots {
         limit: u32,
         dry_run: bool,
     ) -> Result<SlotOutcome, SlotError> {
+        // A read-only look first: past the quota (most of a burst) the answer is "full" without
+        // waiting for other requests of the same owner, and a dry run never writes.
+        let outcome = self.look(namespace, owner, limit, false).await?;
+        if dry_run || matches!(outcome, SlotOutcome::Full { .. }) {
+            return Ok(outcome);
+        }
         let lock = self.owner_lock(&owner.uid);
         let _guard = lock.lock().await;
+        self.look(namespace, owner, limit, true).await
+    }
+}
+
+impl LeaseSlots {
+    /// Finds a free slot of `owner`; with `take`, claims it (or the next one, if another
+    /// replica was faster). Without `take`, nothing is written.
+    async fn look(
+        &self,
+        namespace: &str,
+        owner: &OwnerReference,
+        limit: u32,
+        take: bool,
+    ) -> Result<SlotOutcome, SlotError> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
         let selector = format!("{}={}", keys::CANARY_OWNER_LABEL, owner.uid);
         let mut leases: HashMap<String, Lease> = api
@@ -324,7 +344,7 @@ impl SlotStore for LeaseSlots {
                 if !matches!(state, SlotState::Empty | SlotState::Stale) {
                     continue;
                 }
-                if dry_run {
+                if !take {
                     return Ok(SlotOutcome::Claimed { slot, claim_id });
                 }
                 if self
