@@ -19,7 +19,7 @@ OHA=$TF_CACHE_DIR/tools/oha-$OHA_VERSION/bin/oha
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_DIR/target}
 WORK=$(mktemp -d)
 PIDS=()
-export TF_E2E_STATE=$WORK/cluster TF_E2E_PORT_OFFSET=600
+export TF_E2E_STATE=$WORK/cluster TF_E2E_PORT_OFFSET=${TF_BENCH_PORT_OFFSET:-700}
 
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
