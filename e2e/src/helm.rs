@@ -62,30 +62,36 @@ pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tensor-fusion")
 }
 
-/// The `tensor-fusion-certs` binary next to this test executable; built with the current cargo
-/// when it is missing (the e2e script builds only the webhook).
+/// The `tensor-fusion-certs` binary, brought up to date by the cargo that runs the tests (the
+/// e2e script does not build it; a stale binary would lack current subcommands). It is built in
+/// its own target directory next to the test's (`<target>/e2e-certs`): a build of one package
+/// in the shared one could rebuild dependencies with other features under the running tests.
 pub fn certs_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
+    let target_dir = exe
         .parent()
         .and_then(Path::parent)
-        .context("test executable has no target directory")?;
-    let binary = profile_dir.join("tensor-fusion-certs");
-    if !binary.exists() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "tensor-fusion-certs"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .context("running cargo build -p tensor-fusion-certs")?;
-        if !status.success() || !binary.exists() {
-            bail!(
-                "{} not found: run `cargo build -p tensor-fusion-certs`",
-                binary.display()
-            );
-        }
-    }
-    Ok(binary)
+        .and_then(Path::parent)
+        .context("test executable has no target directory")?
+        .join("e2e-certs");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "tensor-fusion-certs",
+            "--target-dir",
+        ])
+        .arg(&target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .context("running cargo build -p tensor-fusion-certs")?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo build -p tensor-fusion-certs failed"
+    );
+    Ok(target_dir.join("debug/tensor-fusion-certs"))
 }
 
 /// `helm` with the cluster's kubeconfig.
@@ -154,7 +160,8 @@ pub struct JobRunner {
 }
 
 impl JobRunner {
-    pub fn start(cluster: &Cluster, namespace: &str) -> anyhow::Result<Self> {
+    /// Starts runner for the Job pods of `namespace`, running them with the `certs` binary.
+    pub fn start(cluster: &Cluster, namespace: &str, certs: &Path) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let runs = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(AtomicUsize::new(0));
@@ -162,7 +169,7 @@ impl JobRunner {
             client: cluster.client.clone(),
             kubeconfig: cluster.kubeconfig.clone(),
             namespace: namespace.to_owned(),
-            certs: certs_binary()?,
+            certs: certs.to_owned(),
             dir: tempfile::tempdir()?,
         };
         let task = tokio::spawn(context.run(stop.clone(), runs.clone(), failures.clone()));

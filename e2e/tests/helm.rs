@@ -320,7 +320,12 @@ fn labelled_pod(name: &str) -> Pod {
 
 /// Runs the certificate logic of the chart's renewal CronJob once more, as a local process with
 /// the CronJob's arguments, `overrides` replacing flags of the same name.
-fn run_renewal(cluster: &Cluster, args: &[String], overrides: &[&str]) -> anyhow::Result<String> {
+fn run_renewal(
+    cluster: &Cluster,
+    certs: &Path,
+    args: &[String],
+    overrides: &[&str],
+) -> anyhow::Result<String> {
     let names: Vec<&str> = overrides
         .iter()
         .filter_map(|flag| flag.split('=').next())
@@ -331,7 +336,7 @@ fn run_renewal(cluster: &Cluster, args: &[String], overrides: &[&str]) -> anyhow
         .filter(|arg| !names.contains(&arg.split('=').next().unwrap_or("")))
         .chain(overrides.iter().copied())
         .collect();
-    let output = Command::new(certs_binary()?)
+    let output = Command::new(certs)
         .args(&args)
         .env("KUBECONFIG", &cluster.kubeconfig)
         .output()?;
@@ -356,7 +361,8 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
     ])?;
     let system = cluster.namespace("tf-helm-sys").await?;
     let apps = cluster.namespace("tf-helm-apps").await?;
-    let runner = JobRunner::start(&cluster, &system.name)?;
+    let certs = certs_binary()?;
+    let runner = JobRunner::start(&cluster, &system.name, &certs)?;
     let guard = ReleaseGuard {
         helm: &helm,
         namespace: system.name.clone(),
@@ -490,13 +496,14 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
     };
 
     // The Job's own arguments: valid material, nothing written.
-    run_renewal(&cluster, &renew_args, &[])?;
+    run_renewal(&cluster, &certs, &renew_args, &[])?;
     let secret = secrets.get(&format!("{FULLNAME}-webhook-tls")).await?;
     assert_eq!(secret.metadata.resource_version, secret_version);
 
     // A renew-before window longer than what is left (2h): a new serving certificate, same CA.
     let log = run_renewal(
         &cluster,
+        &certs,
         &renew_args,
         &["--validity=3h", "--renew-before=150m"],
     )?;
@@ -524,6 +531,7 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
     // The CA inside its window: a new CA; the bundle trusts old and new until the old expires.
     let log = run_renewal(
         &cluster,
+        &certs,
         &renew_args,
         &[
             "--validity=3h",
