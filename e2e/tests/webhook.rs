@@ -554,3 +554,148 @@ async fn a_pod_rejected_after_admission_or_a_dry_run_holds_its_slot_only_briefly
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn progressive_migration_keeps_native_gpu_pods_off_shared_nodes() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let Some(Setup {
+        cluster,
+        certs,
+        webhook,
+    }) = setup().await?
+    else {
+        return Ok(());
+    };
+    // The fail-open second entry that `nvidiaOperatorProgressiveMigration` adds.
+    let native_entry = format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata:
+  name: tensor-fusion-native-webhook
+webhooks:
+  - name: native-pods.webhook.tensor-fusion.ai
+    admissionReviewVersions: ["v1"]
+    clientConfig:
+      url: https://127.0.0.1:{port}/mutate-v1-pod
+      caBundle: {ca}
+    rules:
+      - {{ apiGroups: [""], apiVersions: ["v1"], operations: ["CREATE"], resources: ["pods"] }}
+    objectSelector:
+      matchExpressions:
+        - {{ key: tensor-fusion.ai/enabled, operator: NotIn, values: ["true"] }}
+    namespaceSelector:
+      matchExpressions:
+        - {{ key: kubernetes.io/metadata.name, operator: NotIn, values: ["kube-system"] }}
+    sideEffects: None
+    failurePolicy: Ignore
+    timeoutSeconds: 5
+"#,
+        port = webhook.port,
+        ca = base64_encode(certs.ca_pem()),
+    );
+    cluster.apply(&native_entry)?;
+    let shared_nodes = ["gpu-node-1", "gpu-node-2"];
+    for node in shared_nodes {
+        cluster.kubectl(&[
+            "label",
+            "node",
+            node,
+            "tensor-fusion.ai/hosts-shared-workers=true",
+            "--overwrite",
+        ])?;
+    }
+    let result = native_pods_land_elsewhere(&cluster).await;
+    for node in shared_nodes {
+        let _ = cluster.kubectl(&[
+            "label",
+            "node",
+            node,
+            "tensor-fusion.ai/hosts-shared-workers-",
+        ]);
+    }
+    let _ = cluster.kubectl(&[
+        "delete",
+        "mutatingwebhookconfiguration",
+        "tensor-fusion-native-webhook",
+    ]);
+    result
+}
+
+async fn native_pods_land_elsewhere(cluster: &Cluster) -> anyhow::Result<()> {
+    let namespace = cluster.namespace("tf-native").await?;
+    let ns = namespace.name.as_str();
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let gpu_pod: Pod = serde_json::from_value(json!({
+        "metadata": { "generateName": "probe-" },
+        "spec": { "containers": [{ "name": "main", "image": "app",
+            "resources": { "limits": { "nvidia.com/gpu": 1 } } }] }
+    }))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    wait_for(
+        "the native entry to be called",
+        Duration::from_secs(60),
+        || async {
+            let pod = pods.create(&dry_run, &gpu_pod).await?;
+            Ok(pod.spec.and_then(|spec| spec.affinity).is_some())
+        },
+    )
+    .await?;
+
+    let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
+    let mut template = pod_template("native", "false", &[]);
+    template["metadata"]["labels"]
+        .as_object_mut()
+        .map(|labels| labels.remove("tensor-fusion.ai/enabled"));
+    deployments
+        .create(&PostParams::default(), &deployment("native", 3, template))
+        .await?;
+    wait_for(
+        "3 native pods to be scheduled",
+        Duration::from_secs(60),
+        || async {
+            let pods = cluster.live_pods(ns, "app=native").await?;
+            Ok(pods.len() == 3
+                && pods.iter().all(|pod| {
+                    pod.spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_name.as_ref())
+                        .is_some()
+                }))
+        },
+    )
+    .await?;
+    for pod in cluster.live_pods(ns, "app=native").await? {
+        let spec = pod.spec.unwrap_or_default();
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some("gpu-node-3"),
+            "kept off shared nodes"
+        );
+        assert_eq!(
+            spec.containers[0]
+                .resources
+                .as_ref()
+                .and_then(|r| r.limits.as_ref())
+                .and_then(|l| l.get("nvidia.com/gpu"))
+                .map(|q| q.0.as_str()),
+            Some("1")
+        );
+    }
+    // A pod that asks for no GPU passes the native entry untouched.
+    let cpu_pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": "cpu-only" },
+        "spec": { "containers": [{ "name": "main", "image": "app" }] }
+    }))?;
+    let created = pods.create(&PostParams::default(), &cpu_pod).await?;
+    assert!(created.spec.and_then(|spec| spec.affinity).is_none());
+    Ok(())
+}
+
+fn base64_encode(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(text)
+}

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::canary::{CanaryPlan, SlotOutcome, SlotStore};
 use crate::inject::Plan;
 use crate::keys;
+use crate::native;
 use crate::share::{ShareSpec, read_enabled_replicas};
 
 /// What happened to a pod, for logs and metrics.
@@ -26,6 +27,8 @@ use crate::share::{ShareSpec, read_enabled_replicas};
 pub enum Decision {
     Shared,
     Native,
+    /// A native GPU pod (not labelled) kept off nodes with shared workers.
+    NativeGuarded,
     Denied,
     /// Not a pod create, or a pod this webhook already handled.
     Skipped,
@@ -36,6 +39,7 @@ impl Decision {
         match self {
             Self::Shared => "shared",
             Self::Native => "native",
+            Self::NativeGuarded => "native-guarded",
             Self::Denied => "denied",
             Self::Skipped => "skipped",
         }
@@ -183,6 +187,14 @@ impl<S: SlotStore> Admitter<S> {
             return Verdict::skipped();
         }
         let pod_key = pod_key(request, &metadata);
+        let labelled = metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(keys::ENABLED_LABEL))
+            .is_some_and(|value| value == "true");
+        if !labelled {
+            return guard_native(&pod_key, pod);
+        }
 
         // Rollback must work even when the other annotations are broken, so `0` is read first.
         match read_enabled_replicas(annotations) {
@@ -255,6 +267,18 @@ impl<S: SlotStore> Admitter<S> {
         set_metadata(&mut edited, "labels", labels_out);
         patched(pod, &edited, Decision::Shared)
     }
+}
+
+/// A pod that is not labelled for sharing arrives only through the progressive-migration entry:
+/// a native GPU pod gets the node anti-affinity, anything else passes unchanged.
+fn guard_native(pod_key: &str, pod: &Value) -> Verdict {
+    if !native::asks_for_native_gpus(pod) {
+        return Verdict::skipped();
+    }
+    let mut edited = pod.clone();
+    native::keep_off_shared_nodes(&mut edited);
+    info!(pod = %pod_key, decision = "native-guarded", "Native GPU pod kept off nodes with shared workers");
+    patched(pod, &edited, Decision::NativeGuarded)
 }
 
 fn rolled_back_reason() -> String {

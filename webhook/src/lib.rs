@@ -9,6 +9,7 @@ pub mod admission;
 pub mod canary;
 pub mod inject;
 pub mod keys;
+pub mod native;
 pub mod quantity;
 pub mod server;
 pub mod share;

@@ -337,3 +337,37 @@ mod garbage {
         }
     }
 }
+
+#[tokio::test]
+async fn unlabelled_gpu_pods_are_kept_off_shared_nodes_and_others_pass() {
+    let admitter = Admitter::new(MemorySlots::default());
+    let unlabelled = |gpu: bool| {
+        review(move |request| {
+            let metadata = &mut request["object"]["metadata"];
+            metadata["labels"]
+                .as_object_mut()
+                .unwrap()
+                .remove("tensor-fusion.ai/enabled");
+            metadata["annotations"] = json!({});
+            if !gpu {
+                request["object"]["spec"]["containers"][0]["resources"] = json!({});
+            }
+        })
+    };
+    let (decision, _, pod) = admit(&admitter, &unlabelled(true)).await;
+    assert_eq!(decision, Decision::NativeGuarded);
+    assert_eq!(
+        pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0],
+        json!({ "key": "tensor-fusion.ai/hosts-shared-workers", "operator": "NotIn", "values": ["true"] })
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+
+    let (decision, response, _) = admit(&admitter, &unlabelled(false)).await;
+    assert_eq!(decision, Decision::Skipped);
+    assert!(response["response"]["patch"].is_null());
+    assert_eq!(response["response"]["allowed"], true);
+}
