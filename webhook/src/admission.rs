@@ -3,9 +3,9 @@
 //! [`Admitter::review`] takes the raw HTTP body and returns the response body; everything in
 //! between is plain data: [`ShareSpec`] from the annotations, [`Plan`] for the containers,
 //! [`CanaryPlan`] and the [`SlotStore`] for the quota. The body is parsed once: the envelope into
-//! [`AdmissionRequest`], the pod into a JSON value that is edited in place. A shared pod's patch
-//! is the JSON diff between the pod as received and as edited, so it touches nothing else; a
-//! native pod's patch is the one annotation.
+//! [`AdmissionRequest`], the pod into a JSON value. A shared pod's patch replaces each injected
+//! container with its edited copy, appends the volumes and adds the annotations; a native pod's
+//! patch is the one annotation. Nothing else in the pod is touched.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -89,7 +89,8 @@ pub struct Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verdict {
     pub decision: Decision,
-    pub patch: Option<json_patch::Patch>,
+    /// JSON patch operations (RFC 6902), as an array.
+    pub patch: Option<Value>,
     pub denial: Option<String>,
 }
 
@@ -259,13 +260,26 @@ impl<S: SlotStore> Admitter<S> {
             }
         }
 
-        let mut edited = pod.clone();
-        let summary = plan.apply(&mut edited, &spec);
+        let (mut operations, summary) = plan.patch(pod, &spec);
         info!(pod = %pod_key, decision = "shared", injection = %summary, "Pod admitted");
         annotations_out.insert(1, (keys::INJECTION, summary));
-        set_metadata(&mut edited, "annotations", annotations_out);
-        set_metadata(&mut edited, "labels", labels_out);
-        patched(pod, &edited, Decision::Shared)
+        metadata_operations(
+            &mut operations,
+            metadata.annotations.is_some(),
+            "annotations",
+            annotations_out,
+        );
+        metadata_operations(
+            &mut operations,
+            metadata.labels.is_some(),
+            "labels",
+            labels_out,
+        );
+        Verdict {
+            decision: Decision::Shared,
+            patch: Some(Value::Array(operations)),
+            denial: None,
+        }
     }
 }
 
@@ -319,39 +333,55 @@ fn deny(pod_key: &str, message: &str) -> Verdict {
 /// Leaves the pod native: the patch adds the one annotation that says why.
 fn native(pod_key: &str, metadata: &ObjectMeta, reason: String) -> Verdict {
     info!(pod = %pod_key, decision = "native", reason = %reason, "Pod admitted");
-    let operation = if metadata.annotations.is_some() {
-        let path = format!("/metadata/annotations/{}", keys::NATIVE.replace('/', "~1"));
-        json!({ "op": "add", "path": path, "value": reason })
-    } else {
-        json!({ "op": "add", "path": "/metadata/annotations", "value": { keys::NATIVE: reason } })
-    };
-    let patch = serde_json::from_value(json!([operation]))
-        .expect("a JSON patch of one add operation with a valid pointer parses");
+    let mut operations = Vec::with_capacity(1);
+    let note = vec![(keys::NATIVE, reason)];
+    metadata_operations(
+        &mut operations,
+        metadata.annotations.is_some(),
+        "annotations",
+        note,
+    );
     Verdict {
         decision: Decision::Native,
-        patch: Some(patch),
+        patch: Some(Value::Array(operations)),
         denial: None,
     }
 }
 
 fn patched(before: &Value, after: &Value, decision: Decision) -> Verdict {
+    let operations = serde_json::to_value(json_patch::diff(before, after))
+        .expect("a JSON patch serializes to JSON");
     Verdict {
         decision,
-        patch: Some(json_patch::diff(before, after)),
+        patch: Some(operations),
         denial: None,
     }
 }
 
-/// Sets `metadata.<field>.<key>` for each pair, creating the map if needed.
-fn set_metadata(pod: &mut Value, field: &str, pairs: Vec<(&str, String)>) {
+/// Operations that set `metadata.<field>.<key>` for each pair: one `add` per key when the map
+/// exists, else one `add` of the whole map.
+fn metadata_operations(
+    operations: &mut Vec<Value>,
+    map_exists: bool,
+    field: &str,
+    pairs: Vec<(&str, String)>,
+) {
     if pairs.is_empty() {
         return;
     }
-    let metadata = &mut pod["metadata"];
-    if !metadata[field].is_object() {
-        metadata[field] = json!({});
-    }
-    for (key, value) in pairs {
-        metadata[field][key] = Value::String(value);
+    if map_exists {
+        for (key, value) in pairs {
+            let path = format!(
+                "/metadata/{field}/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            );
+            operations.push(json!({ "op": "add", "path": path, "value": value }));
+        }
+    } else {
+        let map: serde_json::Map<String, Value> = pairs
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), Value::String(value)))
+            .collect();
+        operations.push(json!({ "op": "add", "path": format!("/metadata/{field}"), "value": map }));
     }
 }

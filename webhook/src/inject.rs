@@ -1,11 +1,11 @@
 //! The injection plan: which containers go on shared GPUs and what changes in the pod.
 //!
 //! [`Plan::new`] picks the containers (from `tensor-fusion.ai/inject-container`, else those
-//! that ask for `nvidia.com/gpu`, else the only container) and their GPU counts; [`Plan::apply`]
-//! edits the pod's JSON in place: `nvidia.com/gpu` out, the `tensor-fusion.ai/tflops` and
+//! that ask for `nvidia.com/gpu`, else the only container) and their GPU counts; the plan
+//! takes `nvidia.com/gpu` out, puts, the `tensor-fusion.ai/tflops` and
 //! `tensor-fusion.ai/vram` extended resources in, the interposer's environment and mounts
-//! (names in `docs/interfaces.md`). The admission layer diffs the result into a JSON patch, so
-//! fields this crate does not model pass through untouched.
+//! (names in `docs/interfaces.md`), expressed as JSON patch operations by [`Plan::patch`]. Each
+//! container is edited as raw JSON, so fields this crate does not model pass through untouched.
 
 use serde_json::{Map, Value, json};
 
@@ -146,23 +146,47 @@ impl Plan {
         Ok(Self { targets })
     }
 
-    /// Edits `pod` (its spec) for the plan and returns the one-line summary for people.
-    pub fn apply(&self, pod: &mut Value, spec: &ShareSpec) -> String {
+    /// The JSON patch operations that put the plan into `pod`, and the one-line summary for
+    /// people. Each injected container is replaced whole by its edited copy (fields this crate
+    /// does not model are copied as they are); the volumes are appended.
+    pub fn patch(&self, pod: &Value, spec: &ShareSpec) -> (Vec<Value>, String) {
+        let mut operations = Vec::with_capacity(self.targets.len() + 3);
         for target in &self.targets {
-            if let Some(container) = pod.pointer_mut(&format!("/spec/containers/{}", target.index))
-            {
-                inject_container(container, target, spec);
+            let path = format!("/spec/containers/{}", target.index);
+            if let Some(container) = pod.pointer(&path) {
+                let mut edited = container.clone();
+                inject_container(&mut edited, target, spec);
+                operations.push(json!({ "op": "replace", "path": path, "value": edited }));
             }
         }
-        if let Some(pod_spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
-            let volumes = array_entry(pod_spec, "volumes");
-            volumes.extend([
-                host_volume(VOLUME_LIB, LIBRARY_HOST_DIR, "Directory"),
-                host_volume(VOLUME_POD, POD_HOST_DIR, "DirectoryOrCreate"),
-                host_volume(VOLUME_AGENT, AGENT_DIR, "DirectoryOrCreate"),
-            ]);
+        let volumes = [
+            host_volume(VOLUME_LIB, LIBRARY_HOST_DIR, "Directory"),
+            host_volume(VOLUME_POD, POD_HOST_DIR, "DirectoryOrCreate"),
+            host_volume(VOLUME_AGENT, AGENT_DIR, "DirectoryOrCreate"),
+        ];
+        if pod.pointer("/spec/volumes").is_some_and(Value::is_array) {
+            operations.extend(
+                volumes.into_iter().map(
+                    |volume| json!({ "op": "add", "path": "/spec/volumes/-", "value": volume }),
+                ),
+            );
+        } else {
+            operations.push(json!({ "op": "add", "path": "/spec/volumes", "value": volumes }));
         }
-        self.summary(spec)
+        (operations, self.summary(spec))
+    }
+
+    /// Applies [`Plan::patch`] to `pod` in place (for tests and tools that want the result).
+    pub fn apply(
+        &self,
+        pod: &mut Value,
+        spec: &ShareSpec,
+    ) -> Result<String, json_patch::PatchError> {
+        let (operations, summary) = self.patch(pod, spec);
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(operations))
+            .expect("the operations built above are well-formed JSON patch operations");
+        json_patch::patch(pod, &patch)?;
+        Ok(summary)
     }
 
     fn summary(&self, spec: &ShareSpec) -> String {
@@ -374,7 +398,7 @@ mod tests {
                 gpu_count: 1
             }]
         );
-        let summary = plan.apply(&mut pod, &spec);
+        let summary = plan.apply(&mut pod, &spec).unwrap();
         assert_eq!(
             summary,
             "containers python; tflops request 100 limit 200; vram request 3Gi limit 3Gi; \
@@ -420,7 +444,7 @@ mod tests {
         let spec = guide_spec();
         let plan = Plan::new(&pod, &spec).unwrap();
         assert_eq!(plan.targets[0].gpu_count, 2);
-        plan.apply(&mut pod, &spec);
+        plan.apply(&mut pod, &spec).unwrap();
         assert_eq!(
             pod["spec"]["containers"][0]["resources"]["requests"]["tensor-fusion.ai/tflops"],
             "200"
