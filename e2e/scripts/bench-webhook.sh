@@ -7,8 +7,11 @@
 # Non-canary and "canary, in-process slots" run against the `bench_server` example (the real
 # admission path and TLS stack, slots kept in memory). "canary, Lease slots" runs the real
 # binary against a local cluster of its own, where every review past the quota lists the
-# owner's Leases and pods from the API server. The load generator is oha (crates.io), installed
-# into the tool cache on first use. Client and server share this machine's cores.
+# owner's Leases and pods from the API server. The load generator creates no pods, so the claim
+# grace is raised to an hour: the first N reviews take the slots, the rest find them held (as in
+# a burst whose canary pods are starting) instead of reclaiming them after 10 s.
+# The load generator is oha (crates.io), installed into the tool cache on first use. Client and
+# server share this machine's cores.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -89,7 +92,8 @@ run "canary, in-process slots (quota full: native)" https://127.0.0.1:18443/muta
 export KUBECONFIG=$TF_E2E_STATE/kubeconfig
 kubectl create namespace ml >/dev/null
 "$TARGET_DIR/release/tensor-fusion-webhook" --listen 127.0.0.1:18444 --ops-listen 127.0.0.1:18091 \
-  --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" 2>"$WORK/webhook.log" &
+  --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" --claim-grace-seconds 3600 \
+  2>"$WORK/webhook.log" &
 PIDS+=($!)
 wait_port 18444
 run "canary, Lease slots on the local API server (quota full: native)" \
