@@ -62,13 +62,17 @@ fn deployment(app: &str, replicas: i32, template: Value) -> Deployment {
     .expect("a valid Deployment")
 }
 
+/// One test's world: the cluster, a registered webhook process and its certificates, and the
+/// lock that keeps the other tests out until this one is done.
 struct Setup {
     cluster: Cluster,
     certs: TestCerts,
     webhook: WebhookProcess,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 async fn setup() -> anyhow::Result<Option<Setup>> {
+    let serial = SERIAL.lock().await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let Some(cluster) = Cluster::from_env().await? else {
         return Ok(None);
@@ -82,6 +86,7 @@ async fn setup() -> anyhow::Result<Option<Setup>> {
         cluster,
         certs,
         webhook,
+        _serial: serial,
     }))
 }
 
@@ -113,15 +118,10 @@ fn shared_names(pods: &[Pod]) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs: _certs,
-        webhook: _webhook,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
     let namespace = cluster.namespace("tf-canary").await?;
     let ns = namespace.name.as_str();
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
@@ -137,7 +137,7 @@ async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Resul
         )
         .await?;
 
-    let pods = wait_for_pods(&cluster, ns, "app=inference", 10).await?;
+    let pods = wait_for_pods(cluster, ns, "app=inference", 10).await?;
     assert_eq!(shared_names(&pods).len(), 3, "exactly 3 of 10 shared");
     for pod in pods.iter().filter(|pod| !is_shared(pod)) {
         assert_eq!(
@@ -189,7 +189,7 @@ async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Resul
     cluster
         .patch_deployment(ns, "inference", json!({ "spec": { "replicas": 20 } }))
         .await?;
-    let pods = wait_for_pods(&cluster, ns, "app=inference", 20).await?;
+    let pods = wait_for_pods(cluster, ns, "app=inference", 20).await?;
     let before = shared_names(&pods);
     assert_eq!(before.len(), 3, "scaling to 20 keeps 3 shared");
 
@@ -216,15 +216,10 @@ async fn canary_holds_exactly_n_through_scale_and_replacement() -> anyhow::Resul
 
 #[tokio::test]
 async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs: _certs,
-        webhook: _webhook,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
     let namespace = cluster.namespace("tf-rollback").await?;
     let ns = namespace.name.as_str();
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
@@ -232,7 +227,7 @@ async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
     deployments
         .create(&PostParams::default(), &deployment("web", 4, canary))
         .await?;
-    let pods = wait_for_pods(&cluster, ns, "app=web", 4).await?;
+    let pods = wait_for_pods(cluster, ns, "app=web", 4).await?;
     assert_eq!(shared_names(&pods).len(), 2);
 
     // Label "false": the webhook never sees the pods; they are untouched.
@@ -243,7 +238,7 @@ async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
             json!({ "spec": { "template": { "metadata": { "labels": { "tensor-fusion.ai/enabled": "false" } } } } }),
         )
         .await?;
-    all_native_from_new_revision(&cluster, &deployments, ns, None).await?;
+    all_native_from_new_revision(cluster, &deployments, ns, None).await?;
 
     // Back to canary, then enabled-replicas "0": native, and the pod says why.
     cluster
@@ -257,7 +252,7 @@ async fn rollback_by_label_false_and_by_zero_replicas() -> anyhow::Result<()> {
         )
         .await?;
     let note = "tensor-fusion.ai/enabled-replicas is 0 (rolled back to native GPUs)";
-    all_native_from_new_revision(&cluster, &deployments, ns, Some(note)).await?;
+    all_native_from_new_revision(cluster, &deployments, ns, Some(note)).await?;
     Ok(())
 }
 
@@ -293,17 +288,14 @@ async fn all_native_from_new_revision(
 
 #[tokio::test]
 async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs,
-        webhook: first,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
+    let certs = &setup.certs;
+    let first = &setup.webhook;
     // A second process and a balancer that alternates requests between the two.
-    let second = WebhookProcess::start(&cluster, certs.dir.path(), free_port()).await?;
+    let second = WebhookProcess::start(cluster, certs.dir.path(), free_port()).await?;
     let port = free_port();
     let _balancer = balancer::run(
         port,
@@ -333,7 +325,7 @@ async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Resu
     replica_sets
         .create(&PostParams::default(), &replica_set)
         .await?;
-    let pods = wait_for_pods(&cluster, ns, "app=burst", 50).await?;
+    let pods = wait_for_pods(cluster, ns, "app=burst", 50).await?;
     assert_eq!(shared_names(&pods).len(), 7, "exactly 7 of 50 shared");
 
     let shared_after = first.admissions("shared").await? + second.admissions("shared").await?;
@@ -351,15 +343,10 @@ async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Resu
 
 #[tokio::test]
 async fn a_bad_annotation_is_a_failed_create_event_with_the_exact_message() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs: _certs,
-        webhook: _webhook,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
     let namespace = cluster.namespace("tf-bad").await?;
     let ns = namespace.name.as_str();
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
@@ -393,15 +380,11 @@ async fn a_bad_annotation_is_a_failed_create_event_with_the_exact_message() -> a
 
 #[tokio::test]
 async fn certificate_rotation_while_admissions_flow_fails_nothing() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs,
-        webhook: _webhook,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
+    let certs = &setup.certs;
     let namespace = cluster.namespace("tf-rotate").await?;
     let ns = namespace.name.clone();
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &ns);
@@ -557,15 +540,12 @@ async fn a_pod_rejected_after_admission_or_a_dry_run_holds_its_slot_only_briefly
 
 #[tokio::test]
 async fn progressive_migration_keeps_native_gpu_pods_off_shared_nodes() -> anyhow::Result<()> {
-    let _serial = SERIAL.lock().await;
-    let Some(Setup {
-        cluster,
-        certs,
-        webhook,
-    }) = setup().await?
-    else {
+    let Some(setup) = setup().await? else {
         return Ok(());
     };
+    let cluster = &setup.cluster;
+    let certs = &setup.certs;
+    let webhook = &setup.webhook;
     // The fail-open second entry that `nvidiaOperatorProgressiveMigration` adds.
     let native_entry = format!(
         r#"
@@ -605,7 +585,7 @@ webhooks:
             "--overwrite",
         ])?;
     }
-    let result = native_pods_land_elsewhere(&cluster).await;
+    let result = native_pods_land_elsewhere(cluster).await;
     for node in shared_nodes {
         let _ = cluster.kubectl(&[
             "label",
