@@ -129,9 +129,12 @@ up() {
 The cluster and the webhook keep running.
   export KUBECONFIG=$KUBECONFIG
   kubectl get pods -n tf-demo
-  curl -s http://127.0.0.1:$OPS_PORT/metrics | grep tensor_fusion   # webhook metrics
-  tail -f $WEBHOOK_DIR/webhook.log                                   # webhook log
-  make demo-down                                                     # stop everything
+  # webhook metrics
+  curl -s http://127.0.0.1:$OPS_PORT/metrics | grep tensor_fusion
+  # webhook log
+  tail -f $WEBHOOK_DIR/webhook.log
+  # stop everything
+  make demo-down
 EOT
 }
 

@@ -60,6 +60,8 @@ pub struct Target {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub targets: Vec<Target>,
+    /// Whether any target container asked for `nvidia.com/gpu` (the patch removes it).
+    pub removes_native_gpus: bool,
 }
 
 fn containers(pod: &Value) -> &[Value] {
@@ -100,7 +102,7 @@ impl Plan {
                     all.iter()
                         .position(|container| container_name(container) == name)
                         .ok_or_else(|| InjectError::UnknownContainer {
-                            name: name.clone(),
+                            name: crate::share::shown(name),
                             containers: all
                                 .iter()
                                 .map(container_name)
@@ -143,7 +145,13 @@ impl Plan {
                 gpu_count,
             });
         }
-        Ok(Self { targets })
+        let removes_native_gpus = targets
+            .iter()
+            .any(|target| native_gpus(&all[target.index]).is_some());
+        Ok(Self {
+            targets,
+            removes_native_gpus,
+        })
     }
 
     /// The JSON patch operations that put the plan into `pod`, and the one-line summary for
@@ -222,7 +230,9 @@ impl Plan {
             ),
         };
         parts.push(gpus);
-        parts.push(format!("{} removed", keys::NVIDIA_GPU));
+        if self.removes_native_gpus {
+            parts.push(format!("{} removed", keys::NVIDIA_GPU));
+        }
         parts.join("; ")
     }
 }
@@ -307,7 +317,14 @@ fn inject_container(container: &mut Value, target: &Target, spec: &ShareSpec) {
                 .map(str::to_owned)
         })
         .filter(|value| !value.is_empty());
-    let preload = match user_preload {
+    // The user's own entries follow ours; a copy of ours among them is dropped.
+    let user_preload = user_preload.map(|user| {
+        user.split([':', ' '])
+            .filter(|entry| !entry.is_empty() && *entry != INTERPOSER_LIBRARY)
+            .collect::<Vec<_>>()
+            .join(":")
+    });
+    let preload = match user_preload.filter(|user| !user.is_empty()) {
         Some(user) => format!("{INTERPOSER_LIBRARY}:{user}"),
         None => INTERPOSER_LIBRARY.to_owned(),
     };
@@ -434,6 +451,20 @@ mod tests {
         assert_eq!(
             pod["spec"]["containers"][0],
             json!({ "name": "sidecar", "image": "envoy" })
+        );
+    }
+
+    #[test]
+    fn the_interposer_is_preloaded_once_and_the_summary_tells_the_truth() {
+        let mut pod = pod(json!([{ "name": "main", "env": [{ "name": "LD_PRELOAD",
+            "value": "/opt/tensor-fusion/lib/libtensor_fusion_interposer.so:/x.so" }] }]));
+        let spec = guide_spec();
+        let plan = Plan::new(&pod, &spec).unwrap();
+        let summary = plan.apply(&mut pod, &spec).unwrap();
+        assert!(!summary.contains("nvidia.com/gpu removed"), "{summary}");
+        assert_eq!(
+            env_entry(&pod["spec"]["containers"][0], "LD_PRELOAD").unwrap()["value"],
+            "/opt/tensor-fusion/lib/libtensor_fusion_interposer.so:/x.so"
         );
     }
 

@@ -65,9 +65,21 @@ impl SpecError {
     fn invalid(annotation: &'static str, value: &str, problem: impl ToString) -> Self {
         Self::Invalid {
             annotation,
-            value: value.to_owned(),
+            value: shown(value),
             problem: problem.to_string(),
         }
+    }
+}
+
+/// Longest annotation value quoted back in a message; longer ones are cut, so a huge value
+/// does not end up whole in events and logs.
+const SHOWN_VALUE_CHARS: usize = 64;
+
+/// `value` as quoted in an error message: cut after [`SHOWN_VALUE_CHARS`] characters.
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_VALUE_CHARS) {
+        Some((cut, _)) => format!("{}...", &value[..cut]),
+        None => value.to_owned(),
     }
 }
 
@@ -163,6 +175,19 @@ fn bounds(
             .transpose()
     };
     let (request_value, limit_value) = (read(request)?, read(limit)?);
+    // A limit of zero leaves nothing to share; name the annotation that set it.
+    let (zero_key, zero_value) = match (limit.1, request.1) {
+        (Some(value), _) => (limit.0, value),
+        (None, Some(value)) => (request.0, value),
+        (None, None) => return Ok(None),
+    };
+    if limit_value.or(request_value) == Some(0) {
+        return Err(SpecError::invalid(
+            zero_key,
+            zero_value,
+            "must be greater than zero",
+        ));
+    }
     let bounds = match (request_value, limit_value) {
         (None, None) => return Ok(None),
         (Some(request), None) => Bounds {
@@ -177,9 +202,9 @@ fn bounds(
             if limit_value < request_value {
                 return Err(SpecError::LimitBelowRequest {
                     request_key: request.0,
-                    request: request.1.unwrap_or_default().to_owned(),
+                    request: shown(request.1.unwrap_or_default()),
                     limit_key: limit.0,
-                    limit: limit.1.unwrap_or_default().to_owned(),
+                    limit: shown(limit.1.unwrap_or_default()),
                 });
             }
             Bounds {
@@ -269,6 +294,18 @@ mod tests {
             (
                 &[(keys::VRAM_LIMIT, "1Gi"), (keys::INJECT_CONTAINER, " , ")],
                 "invalid annotation tensor-fusion.ai/inject-container: \" , \" names no container",
+            ),
+            (
+                &[(keys::TFLOPS_REQUEST, "0")],
+                "invalid annotation tensor-fusion.ai/tflops-request: \"0\" must be greater than zero",
+            ),
+            (
+                &[(keys::VRAM_REQUEST, "0"), (keys::VRAM_LIMIT, "0Gi")],
+                "invalid annotation tensor-fusion.ai/vram-limit: \"0Gi\" must be greater than zero",
+            ),
+            (
+                &[(keys::VRAM_LIMIT, &"9".repeat(100))],
+                "invalid annotation tensor-fusion.ai/vram-limit: \"9999999999999999999999999999999999999999999999999999999999999999...\" is too large",
             ),
             (
                 &[(keys::ENABLED_REPLICAS, "2")],

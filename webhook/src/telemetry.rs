@@ -42,7 +42,31 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (tests); then ours renders nothing
             // recorded elsewhere, which only affects that test process.
             let _ = metrics::set_global_recorder(recorder);
+            describe_webhook_metrics();
             handle
         })
         .clone()
+}
+
+/// Describes the webhook's metrics and starts every series at zero, so dashboards and alerts
+/// see 0 rather than no data before the first event.
+fn describe_webhook_metrics() {
+    metrics::describe_counter!(
+        "tensor_fusion_webhook_admissions_total",
+        "Pod admission reviews answered, by decision"
+    );
+    metrics::describe_histogram!(
+        "tensor_fusion_webhook_admission_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to decide one admission review"
+    );
+    metrics::describe_counter!(
+        "tensor_fusion_webhook_malformed_reviews_total",
+        "Request bodies that were not an AdmissionReview (answered with HTTP 400)"
+    );
+    for decision in ["shared", "native", "native-guarded", "denied", "skipped"] {
+        metrics::counter!("tensor_fusion_webhook_admissions_total", "decision" => decision)
+            .increment(0);
+    }
+    metrics::counter!("tensor_fusion_webhook_malformed_reviews_total").increment(0);
 }
