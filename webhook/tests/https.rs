@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 const FIXTURE: &str = include_str!("fixtures/canary-pod-review.json");
 const DAY: Duration = Duration::from_secs(86_400);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_millis(300);
 
 struct Webhook {
     admission: SocketAddr,
@@ -83,7 +84,10 @@ async fn start() -> Webhook {
         admission,
         tls,
         server::admission_router(admitter),
-        ServeConfig::default(),
+        ServeConfig {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            ..ServeConfig::default()
+        },
         stopped(),
     ));
     tokio::spawn(server::serve_plain(
@@ -288,4 +292,65 @@ async fn a_broken_certificate_file_keeps_the_old_one() {
     let mut conn = connect(webhook.admission, &webhook.ca_pem, true).await;
     assert_eq!(conn.post(FIXTURE).await.0, 200);
     webhook.stop.send_replace(true);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let webhook = start().await;
+    let connector = tokio_rustls::TlsConnector::from(client_config(&webhook.ca_pem, b"http/1.1"));
+    let tcp = TcpStream::connect(webhook.admission).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"POST /mutate-v1-pod HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // The server answers the stalled request with 408 or just closes; either way the read ends
+    // well before this test's own limit, which is far above the configured timeout.
+    let mut buffer = Vec::new();
+    let read = tokio::time::timeout(HEADER_READ_TIMEOUT * 20, tls.read_to_end(&mut buffer)).await;
+    assert!(read.is_ok(), "the connection was closed by the server");
+    let text = String::from_utf8_lossy(&buffer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    webhook.stop.send_replace(true);
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_request_in_flight_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let webhook = start().await;
+    let connector = tokio_rustls::TlsConnector::from(client_config(&webhook.ca_pem, b"http/1.1"));
+    let tcp = TcpStream::connect(webhook.admission).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .unwrap();
+    // Headers and half the body, then shutdown starts, then the rest of the body.
+    let head = format!(
+        "POST /mutate-v1-pod HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        FIXTURE.len()
+    );
+    let (first, rest) = FIXTURE.split_at(FIXTURE.len() / 2);
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(first.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    webhook.stop.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        TcpStream::connect(webhook.admission).await.is_err(),
+        "no new connections once shutdown starts"
+    );
+    tls.write_all(rest.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"allowed\":true"), "{response}");
 }
