@@ -277,6 +277,22 @@ async fn copy_serving_files(secrets: &Api<Secret>, dir: &Path) -> anyhow::Result
 }
 
 /// The certificate the webhook on `port` serves, as PEM (via `openssl s_client`).
+/// Copies the Secret's pair to the webhook's files (as the kubelet would) and waits until the
+/// webhook on `port` serves that certificate.
+async fn serve_current_secret(
+    secrets: &Api<Secret>,
+    dir: &Path,
+    port: u16,
+    what: &str,
+) -> anyhow::Result<()> {
+    let cert = copy_serving_files(secrets, dir).await?;
+    wait_for(what, Duration::from_secs(30), || {
+        let matches = served_certificate(port).map(|served| served.trim() == cert.trim());
+        async move { matches }
+    })
+    .await
+}
+
 fn served_certificate(port: u16) -> anyhow::Result<String> {
     let output = Command::new("sh")
         .arg("-c")
@@ -529,14 +545,11 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
         secret_text(&renewed, "tls.crt"),
         secret_text(&secret, "tls.crt")
     );
-    let cert = copy_serving_files(&secrets, files.path()).await?;
-    wait_for(
+    serve_current_secret(
+        &secrets,
+        files.path(),
+        port,
         "the webhook to serve the renewed certificate",
-        Duration::from_secs(30),
-        || {
-            let matches = served_certificate(port).map(|served| served.trim() == cert.trim());
-            async move { matches }
-        },
     )
     .await?;
 
@@ -573,14 +586,11 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
         },
     )
     .await?;
-    let cert = copy_serving_files(&secrets, files.path()).await?;
-    wait_for(
+    serve_current_secret(
+        &secrets,
+        files.path(),
+        port,
         "the webhook to serve the new CA's certificate",
-        Duration::from_secs(30),
-        || {
-            let matches = served_certificate(port).map(|served| served.trim() == cert.trim());
-            async move { matches }
-        },
     )
     .await?;
     let before = admitted.load(Ordering::Relaxed);
