@@ -10,6 +10,7 @@ pub mod allocator;
 pub mod capacity;
 pub mod config;
 pub mod discovery;
+pub mod metrics;
 pub mod native;
 pub mod server;
 pub mod steering;
