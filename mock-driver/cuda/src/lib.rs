@@ -9,6 +9,13 @@
 //! other than `cuInit`/`cuDriverGetVersion`/`cuGetProcAddress*` need `cuInit` first, and memory
 //! and launch calls need a current context, as with the real driver. `tfMock*` functions expose
 //! what the tests check: bytes in use and their peak, simulated busy time, launch counts.
+//!
+//! Streams: the special handles (NULL, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`) stand for the
+//! current context; created streams remember their context. Work on a stream finishes at once
+//! unless a test holds the stream (`tfMockStreamHold`), standing in for a long kernel: then host
+//! functions (`cuLaunchHostFunc`) and stream-ordered frees (`cuMemFreeAsync`) wait in order until
+//! the stream is released or synchronised. A capturing stream records host functions without
+//! running them (graph execution is not modelled).
 
 #![allow(non_snake_case, reason = "exported names are the CUDA driver API's")]
 #![allow(
@@ -16,8 +23,8 @@
     reason = "each export has the pointer contract of the CUDA driver function it mocks"
 )]
 
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -35,7 +42,10 @@ const CUDA_ERROR_NOT_INITIALIZED: CUresult = 3;
 const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
 const CUDA_ERROR_INVALID_CONTEXT: CUresult = 201;
 const CUDA_ERROR_INVALID_HANDLE: CUresult = 400;
+const CUDA_ERROR_ILLEGAL_STATE: CUresult = 401;
 const CUDA_ERROR_NOT_FOUND: CUresult = 500;
+const CUDA_ERROR_NOT_READY: CUresult = 600;
+const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
 const CUDA_ERROR_UNKNOWN: CUresult = 999;
 
 const SYMBOL_FOUND: c_int = 0;
@@ -45,6 +55,11 @@ const VERSION_NOT_SUFFICIENT: c_int = 2;
 const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x02;
 const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
 const PER_THREAD_STREAM_FLAG: u64 = 1 << 1;
+/// `CU_STREAM_PER_THREAD`, the largest special stream handle (`CU_STREAM_LEGACY` is 1).
+const CU_STREAM_PER_THREAD: usize = 0x2;
+/// `CU_STREAM_CAPTURE_STATUS_NONE` / `_ACTIVE`.
+const CAPTURE_STATUS_NONE: c_int = 0;
+const CAPTURE_STATUS_ACTIVE: c_int = 1;
 
 /// Simulated time a graph launch takes.
 const GRAPH_LAUNCH_NS: u64 = 10_000;
@@ -68,8 +83,51 @@ struct Block {
     bytes: usize,
 }
 
+/// `CUhostFn`.
+type HostFn = unsafe extern "C" fn(*mut c_void);
+
+/// Work waiting on a held stream, done in order when the stream moves on.
+enum Queued {
+    HostFunc(HostFn, usize),
+    Free(u64),
+}
+
+#[derive(Default)]
+struct StreamState {
+    held: bool,
+    capturing: bool,
+    queued: Vec<Queued>,
+}
+
+/// A created stream (leaked, so a stale handle never points at freed memory).
+struct Stream {
+    context: usize,
+    device: CUdevice,
+    state: Mutex<StreamState>,
+}
+
+/// What a stream handle names.
+enum StreamRef {
+    /// NULL, `CU_STREAM_LEGACY` or `CU_STREAM_PER_THREAD`: the current context's stream.
+    Special {
+        context: usize,
+        device: CUdevice,
+    },
+    Created(&'static Stream),
+}
+
+impl StreamRef {
+    fn device(&self) -> CUdevice {
+        match self {
+            StreamRef::Special { device, .. } => *device,
+            StreamRef::Created(stream) => stream.device,
+        }
+    }
+}
+
 struct Mock {
     gpus: MockGpus,
+    streams: Mutex<HashSet<usize>>,
     initialised: AtomicBool,
     primary: Vec<usize>,
     blocks: Mutex<HashMap<u64, Block>>,
@@ -91,6 +149,7 @@ fn mock() -> &'static Mock {
         let counters = || (0..count).map(|_| AtomicU64::new(0)).collect::<Vec<_>>();
         Mock {
             gpus,
+            streams: Mutex::new(HashSet::new()),
             initialised: AtomicBool::new(false),
             primary: (0..count)
                 .map(|device| {
@@ -113,7 +172,12 @@ fn mock() -> &'static Mock {
 }
 
 thread_local! {
-    static CURRENT: Cell<usize> = const { Cell::new(0) };
+    /// This thread's context stack; the last entry is the current context.
+    static CONTEXTS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+fn current_context() -> usize {
+    CONTEXTS.with(|stack| stack.borrow().last().copied().unwrap_or(0))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -141,12 +205,45 @@ impl Mock {
 
     fn current_device(&self) -> Result<CUdevice, CUresult> {
         self.ready()?;
-        let context = CURRENT.with(Cell::get);
+        let context = current_context();
         if context == 0 {
             return Err(CUDA_ERROR_INVALID_CONTEXT);
         }
-        // SAFETY: non-zero current contexts are leaked `Context` boxes made by this mock.
-        Ok(unsafe { &*(context as *const Context) }.device)
+        Ok(self.context_device(context))
+    }
+
+    /// Whether `context` is one this mock handed out.
+    fn valid_context(&self, context: usize) -> Result<usize, CUresult> {
+        if self.primary.contains(&context) {
+            Ok(context)
+        } else {
+            Err(CUDA_ERROR_INVALID_CONTEXT)
+        }
+    }
+
+    fn context_device(&self, context: usize) -> CUdevice {
+        // SAFETY: only contexts in `primary` (leaked `Context` boxes) are ever made current.
+        unsafe { &*(context as *const Context) }.device
+    }
+
+    /// What `handle` names: a special stream of the current context or a live created stream.
+    fn stream(&self, handle: *mut c_void) -> Result<StreamRef, CUresult> {
+        self.ready()?;
+        if (handle as usize) <= CU_STREAM_PER_THREAD {
+            let context = current_context();
+            if context == 0 {
+                return Err(CUDA_ERROR_INVALID_CONTEXT);
+            }
+            return Ok(StreamRef::Special {
+                context,
+                device: self.context_device(context),
+            });
+        }
+        if !lock(&self.streams).contains(&(handle as usize)) {
+            return Err(CUDA_ERROR_INVALID_HANDLE);
+        }
+        // SAFETY: live created streams are leaked `Stream` boxes made by `cuStreamCreate`.
+        Ok(StreamRef::Created(unsafe { &*(handle as *const Stream) }))
     }
 
     fn allocate(&self, device: Option<CUdevice>, bytes: usize) -> Result<u64, CUresult> {
@@ -376,8 +473,18 @@ pub unsafe extern "C" fn cuDevicePrimaryCtxRelease_v2(device: CUdevice) -> CUres
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuCtxSetCurrent(context: *mut c_void) -> CUresult {
     guarded(|| {
-        status(mock().ready().map(|()| {
-            CURRENT.with(|current| current.set(context as usize));
+        status(mock().ready().and_then(|()| {
+            if context.is_null() {
+                CONTEXTS.with(|stack| stack.borrow_mut().pop());
+                return Ok(());
+            }
+            let context = mock().valid_context(context as usize)?;
+            CONTEXTS.with(|stack| {
+                let mut stack = stack.borrow_mut();
+                stack.pop();
+                stack.push(context);
+            });
+            Ok(())
         }))
     })
 }
@@ -388,8 +495,34 @@ pub unsafe extern "C" fn cuCtxGetCurrent(context: *mut *mut c_void) -> CUresult 
         status(
             mock()
                 .ready()
-                .and_then(|()| write(context, CURRENT.with(Cell::get) as *mut c_void)),
+                .and_then(|()| write(context, current_context() as *mut c_void)),
         )
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxPushCurrent_v2(context: *mut c_void) -> CUresult {
+    guarded(|| {
+        status(mock().ready().and_then(|()| {
+            let context = mock().valid_context(context as usize)?;
+            CONTEXTS.with(|stack| stack.borrow_mut().push(context));
+            Ok(())
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuCtxPopCurrent_v2(context: *mut *mut c_void) -> CUresult {
+    guarded(|| {
+        status(mock().ready().and_then(|()| {
+            let popped = CONTEXTS
+                .with(|stack| stack.borrow_mut().pop())
+                .ok_or(CUDA_ERROR_INVALID_CONTEXT)?;
+            if !context.is_null() {
+                write(context, popped as *mut c_void)?;
+            }
+            Ok(())
+        }))
     })
 }
 
@@ -408,6 +541,9 @@ pub unsafe extern "C" fn cuCtxGetDevice(device: *mut CUdevice) -> CUresult {
 pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) -> CUresult {
     guarded(|| {
         status(mock().current_device().and_then(|device| {
+            if free.is_null() || total.is_null() {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
             let total_bytes = mock().gpus.vram_bytes;
             let used = mock().used[device as usize].load(Ordering::Acquire);
             write(free, total_bytes.saturating_sub(used) as usize)?;
@@ -461,13 +597,23 @@ pub unsafe extern "C" fn cuMemAllocManaged(
     })
 }
 
+/// Allocates on the device of `stream` (its context's, not the caller's current one).
+fn stream_alloc(out: *mut CUdeviceptr, bytes: usize, stream: *mut c_void) -> Result<(), CUresult> {
+    let device = mock().stream(stream)?.device();
+    if out.is_null() {
+        return Err(CUDA_ERROR_INVALID_VALUE);
+    }
+    let address = mock().allocate(Some(device), bytes)?;
+    write(out, address)
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemAllocAsync(
     out: *mut CUdeviceptr,
     bytes: usize,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
-    guarded(|| status(device_alloc(out, bytes)))
+    guarded(|| status(stream_alloc(out, bytes, stream)))
 }
 
 #[unsafe(no_mangle)]
@@ -485,13 +631,13 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync(
     out: *mut CUdeviceptr,
     bytes: usize,
     pool: *mut c_void,
-    _stream: *mut c_void,
+    stream: *mut c_void,
 ) -> CUresult {
     guarded(|| {
         if pool.is_null() {
             return CUDA_ERROR_INVALID_VALUE;
         }
-        status(device_alloc(out, bytes))
+        status(stream_alloc(out, bytes, stream))
     })
 }
 
@@ -508,12 +654,49 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn cuMemFree_v2(address: CUdeviceptr) -> CUresult {
-    guarded(|| status(mock().release(address, true)))
+    guarded(|| {
+        if address == 0 {
+            // Freeing NULL is a no-op (programs call cuMemFree(0) to make sure a context exists).
+            return status(mock().current_device().map(|_| ()));
+        }
+        status(mock().release(address, true))
+    })
+}
+
+/// Runs work a held stream had waiting, in order, outside every mock lock.
+fn run_queued(queued: Vec<Queued>) {
+    for work in queued {
+        match work {
+            // SAFETY: the caller of cuLaunchHostFunc gave a function and its argument.
+            Queued::HostFunc(function, data) => unsafe { function(data as *mut c_void) },
+            Queued::Free(address) => {
+                let _ = mock().release(address, true);
+            }
+        }
+    }
 }
 
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cuMemFreeAsync(address: CUdeviceptr, _stream: *mut c_void) -> CUresult {
-    guarded(|| status(mock().release(address, true)))
+pub unsafe extern "C" fn cuMemFreeAsync(address: CUdeviceptr, stream: *mut c_void) -> CUresult {
+    guarded(|| {
+        status((|| {
+            let stream = mock().stream(stream)?;
+            let on_device = lock(&mock().blocks)
+                .get(&address)
+                .is_some_and(|block| block.device.is_some());
+            if !on_device {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            if let StreamRef::Created(stream) = stream {
+                let mut state = lock(&stream.state);
+                if state.held {
+                    state.queued.push(Queued::Free(address));
+                    return Ok(());
+                }
+            }
+            mock().release(address, true)
+        })())
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -523,6 +706,204 @@ pub unsafe extern "C" fn cuMemFreeAsync_ptsz(
 ) -> CUresult {
     // SAFETY: the same contract as this export.
     unsafe { cuMemFreeAsync(address, stream) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamCreate(stream: *mut *mut c_void, _flags: c_uint) -> CUresult {
+    guarded(|| {
+        status((|| {
+            let device = mock().current_device()?;
+            if stream.is_null() {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            let created = Box::into_raw(Box::new(Stream {
+                context: current_context(),
+                device,
+                state: Mutex::new(StreamState::default()),
+            }));
+            lock(&mock().streams).insert(created as usize);
+            write(stream, created.cast())
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamDestroy_v2(stream: *mut c_void) -> CUresult {
+    guarded(|| {
+        status((|| {
+            let StreamRef::Created(created) = mock().stream(stream)? else {
+                return Err(CUDA_ERROR_INVALID_HANDLE);
+            };
+            // The driver lets queued work finish; the mock finishes it now.
+            let queued = std::mem::take(&mut lock(&created.state).queued);
+            run_queued(queued);
+            lock(&mock().streams).remove(&(stream as usize));
+            Ok(())
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamGetCtx(
+    stream: *mut c_void,
+    context: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| {
+            let owner = match stream {
+                StreamRef::Special { context, .. } => context,
+                StreamRef::Created(created) => created.context,
+            };
+            write(context, owner as *mut c_void)
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamSynchronize(stream: *mut c_void) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| {
+            let StreamRef::Created(created) = stream else {
+                return Ok(());
+            };
+            let queued = {
+                let mut state = lock(&created.state);
+                if state.capturing {
+                    return Err(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+                }
+                state.held = false;
+                std::mem::take(&mut state.queued)
+            };
+            run_queued(queued);
+            Ok(())
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamQuery(stream: *mut c_void) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| match stream {
+            StreamRef::Created(created) if lock(&created.state).held => Err(CUDA_ERROR_NOT_READY),
+            _ => Ok(()),
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuLaunchHostFunc(
+    stream: *mut c_void,
+    function: Option<HostFn>,
+    data: *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            let stream = mock().stream(stream)?;
+            let function = function.ok_or(CUDA_ERROR_INVALID_VALUE)?;
+            if let StreamRef::Created(created) = stream {
+                let mut state = lock(&created.state);
+                if state.capturing {
+                    // Becomes a host node of the graph being captured; not run now.
+                    return Ok(());
+                }
+                if state.held {
+                    state.queued.push(Queued::HostFunc(function, data as usize));
+                    return Ok(());
+                }
+            }
+            // The stream has nothing pending: the driver would run it right away on its own
+            // thread; the mock runs it here, holding no lock.
+            // SAFETY: the caller's host function and argument.
+            unsafe { function(data) };
+            Ok(())
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamIsCapturing(stream: *mut c_void, capture: *mut c_int) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| {
+            let capturing = match stream {
+                StreamRef::Special { .. } => false,
+                StreamRef::Created(created) => lock(&created.state).capturing,
+            };
+            write(
+                capture,
+                if capturing {
+                    CAPTURE_STATUS_ACTIVE
+                } else {
+                    CAPTURE_STATUS_NONE
+                },
+            )
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamBeginCapture_v2(stream: *mut c_void, _mode: c_int) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| match stream {
+            StreamRef::Special { .. } => Err(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED),
+            StreamRef::Created(created) => {
+                let mut state = lock(&created.state);
+                if state.capturing {
+                    return Err(CUDA_ERROR_ILLEGAL_STATE);
+                }
+                state.capturing = true;
+                Ok(())
+            }
+        }))
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuStreamEndCapture(
+    stream: *mut c_void,
+    graph: *mut *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| {
+            let StreamRef::Created(created) = stream else {
+                return Err(CUDA_ERROR_ILLEGAL_STATE);
+            };
+            let mut state = lock(&created.state);
+            if !state.capturing {
+                return Err(CUDA_ERROR_ILLEGAL_STATE);
+            }
+            state.capturing = false;
+            // Graphs are not modelled: any non-null handle will do.
+            write(graph, stream_graph_handle())
+        }))
+    })
+}
+
+fn stream_graph_handle() -> *mut c_void {
+    static GRAPH: u64 = 0;
+    std::ptr::addr_of!(GRAPH).cast_mut().cast()
+}
+
+/// Test control: `hold` non-zero makes `stream` busy (as if running a long kernel), so host
+/// functions and stream-ordered frees wait; zero lets it finish them, in order.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn tfMockStreamHold(stream: *mut c_void, hold: c_int) -> CUresult {
+    guarded(|| {
+        status(mock().stream(stream).and_then(|stream| {
+            let StreamRef::Created(created) = stream else {
+                return Err(CUDA_ERROR_INVALID_HANDLE);
+            };
+            let queued = {
+                let mut state = lock(&created.state);
+                state.held = hold != 0;
+                if state.held {
+                    return Ok(());
+                }
+                std::mem::take(&mut state.queued)
+            };
+            run_queued(queued);
+            Ok(())
+        }))
+    })
 }
 
 /// The leading fields of `CUmemAllocationProp`, which is all the mock reads.
@@ -816,6 +1197,17 @@ fn proc_variants(base: &str) -> Option<Variants> {
         "cuCtxSetCurrent" => (&[(4000, "cuCtxSetCurrent")], None),
         "cuCtxGetCurrent" => (&[(4000, "cuCtxGetCurrent")], None),
         "cuCtxGetDevice" => (&[(2000, "cuCtxGetDevice")], None),
+        "cuCtxPushCurrent" => (&[(4000, "cuCtxPushCurrent_v2")], None),
+        "cuCtxPopCurrent" => (&[(4000, "cuCtxPopCurrent_v2")], None),
+        "cuStreamCreate" => (&[(2000, "cuStreamCreate")], None),
+        "cuStreamDestroy" => (&[(4000, "cuStreamDestroy_v2")], None),
+        "cuStreamGetCtx" => (&[(9020, "cuStreamGetCtx")], None),
+        "cuStreamSynchronize" => (&[(2000, "cuStreamSynchronize")], None),
+        "cuStreamQuery" => (&[(2000, "cuStreamQuery")], None),
+        "cuStreamIsCapturing" => (&[(10000, "cuStreamIsCapturing")], None),
+        "cuStreamBeginCapture" => (&[(10010, "cuStreamBeginCapture_v2")], None),
+        "cuStreamEndCapture" => (&[(10000, "cuStreamEndCapture")], None),
+        "cuLaunchHostFunc" => (&[(10000, "cuLaunchHostFunc")], None),
         "cuMemGetInfo" => (&[(3020, "cuMemGetInfo_v2")], None),
         "cuMemAlloc" => (&[(3020, "cuMemAlloc_v2")], None),
         "cuMemAllocPitch" => (&[(3020, "cuMemAllocPitch_v2")], None),
@@ -867,6 +1259,17 @@ fn export_address(name: &str) -> Option<*mut c_void> {
         "cuCtxSetCurrent" => cuCtxSetCurrent as *const () as usize,
         "cuCtxGetCurrent" => cuCtxGetCurrent as *const () as usize,
         "cuCtxGetDevice" => cuCtxGetDevice as *const () as usize,
+        "cuCtxPushCurrent_v2" => cuCtxPushCurrent_v2 as *const () as usize,
+        "cuCtxPopCurrent_v2" => cuCtxPopCurrent_v2 as *const () as usize,
+        "cuStreamCreate" => cuStreamCreate as *const () as usize,
+        "cuStreamDestroy_v2" => cuStreamDestroy_v2 as *const () as usize,
+        "cuStreamGetCtx" => cuStreamGetCtx as *const () as usize,
+        "cuStreamSynchronize" => cuStreamSynchronize as *const () as usize,
+        "cuStreamQuery" => cuStreamQuery as *const () as usize,
+        "cuStreamIsCapturing" => cuStreamIsCapturing as *const () as usize,
+        "cuStreamBeginCapture_v2" => cuStreamBeginCapture_v2 as *const () as usize,
+        "cuStreamEndCapture" => cuStreamEndCapture as *const () as usize,
+        "cuLaunchHostFunc" => cuLaunchHostFunc as *const () as usize,
         "cuMemGetInfo_v2" => cuMemGetInfo_v2 as *const () as usize,
         "cuMemAlloc_v2" => cuMemAlloc_v2 as *const () as usize,
         "cuMemAllocPitch_v2" => cuMemAllocPitch_v2 as *const () as usize,

@@ -148,8 +148,12 @@ fn mock_counter(api: &Api, name: &str, argument: c_int) -> u64 {
 struct State {
     api: Api,
     pointers: Vec<u64>,
+    /// Stream-ordered allocations, freed with `cuMemFreeAsync` by `asyncfreeall`.
+    async_pointers: Vec<u64>,
     handles: Vec<u64>,
     device: c_int,
+    /// The stream made by `stream` (NULL until then).
+    stream: usize,
 }
 
 fn device_of(api: &Api, ordinal: c_int) -> (CUresult, c_int) {
@@ -364,6 +368,98 @@ fn run_op(state: &mut State, op: &str) {
                 println!("{op} result={result}");
             }
         }
+        "stream" => {
+            let mut stream: *mut c_void = std::ptr::null_mut();
+            let result = call!(
+                api,
+                "cuStreamCreate",
+                fn(*mut *mut c_void, c_uint),
+                &mut stream,
+                0
+            );
+            state.stream = stream as usize;
+            println!("{op} result={result}");
+        }
+        "busy" => {
+            // Mock control: 1 keeps the stream busy (its queued work waits), 0 lets it finish.
+            let pointer = api.mock("tfMockStreamHold");
+            assert!(!pointer.is_null(), "tfMockStreamHold not found");
+            // SAFETY: tfMockStreamHold(CUstream, int) -> CUresult.
+            let result = unsafe {
+                std::mem::transmute::<*mut c_void, unsafe extern "C" fn(usize, c_int) -> CUresult>(
+                    pointer,
+                )(state.stream, arg(0) as c_int)
+            };
+            println!("{op} result={result}");
+        }
+        "sync" => {
+            let stream = state.stream as *mut c_void;
+            let result = call!(api, "cuStreamSynchronize", fn(*mut c_void), stream);
+            println!("{op} result={result}");
+        }
+        "capture" => {
+            let stream = state.stream as *mut c_void;
+            let result = if arg(0) != 0 {
+                call!(
+                    api,
+                    "cuStreamBeginCapture_v2",
+                    fn(*mut c_void, c_int),
+                    stream,
+                    0
+                )
+            } else {
+                let mut graph: *mut c_void = std::ptr::null_mut();
+                call!(
+                    api,
+                    "cuStreamEndCapture",
+                    fn(*mut c_void, *mut *mut c_void),
+                    stream,
+                    &mut graph
+                )
+            };
+            println!("{op} result={result}");
+        }
+        "asyncalloc" | "poolalloc" => {
+            let mut pointer = 0_u64;
+            let stream = state.stream as *mut c_void;
+            let result = if name == "asyncalloc" {
+                call!(
+                    api,
+                    "cuMemAllocAsync",
+                    fn(*mut u64, usize, *mut c_void),
+                    &mut pointer,
+                    arg(0) as usize,
+                    stream
+                )
+            } else {
+                // The mock takes any non-null pool as the device's default pool.
+                let pool = 0x9001 as *mut c_void;
+                call!(
+                    api,
+                    "cuMemAllocFromPoolAsync",
+                    fn(*mut u64, usize, *mut c_void, *mut c_void),
+                    &mut pointer,
+                    arg(0) as usize,
+                    pool,
+                    stream
+                )
+            };
+            if result == 0 {
+                state.async_pointers.push(pointer);
+            }
+            println!("{op} result={result} ptr={pointer:#x}");
+        }
+        "asyncfreeall" => {
+            let stream = state.stream as *mut c_void;
+            let mut results = Vec::new();
+            // Pointers whose free failed stay held, to be freed again later.
+            state.async_pointers.retain(|&pointer| {
+                let result = call!(api, "cuMemFreeAsync", fn(u64, *mut c_void), pointer, stream);
+                results.push(result.to_string());
+                result != 0
+            });
+            println!("{op} results={}", results.join(","));
+        }
         "vmm" | "vmmhost" => {
             let prop = AllocationProp {
                 allocation_type: 1,
@@ -402,6 +498,7 @@ fn run_op(state: &mut State, op: &str) {
                 .collect();
             println!("{op} results={}", results.join(","));
         }
+        "freenull" => println!("{op} result={}", free(&api, 0)),
         "freeforeign" => {
             // A pointer the interposer never handed out: the driver's own answer must come back.
             println!("{op} result={}", free(&api, 0xdead_0000));
@@ -643,8 +740,10 @@ fn main() {
     let mut state = State {
         api: Api::open(via),
         pointers: Vec::new(),
+        async_pointers: Vec::new(),
         handles: Vec::new(),
         device: 0,
+        stream: 0,
     };
     for op in args {
         run_op(&mut state, &op);
