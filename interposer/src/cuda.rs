@@ -14,6 +14,9 @@ pub type CUdevice = c_int;
 pub type CUdeviceptr = u64;
 pub type CUstream = *mut c_void;
 pub type CUfunction = *mut c_void;
+pub type CUcontext = *mut c_void;
+/// `CUhostFn`.
+pub type CUhostFn = unsafe extern "C" fn(*mut c_void);
 
 pub const CUDA_SUCCESS: CUresult = 0;
 pub const CUDA_ERROR_INVALID_VALUE: CUresult = 1;
@@ -23,10 +26,16 @@ pub const CUDA_ERROR_NO_DEVICE: CUresult = 100;
 pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
 pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
 pub const CUDA_ERROR_NOT_PERMITTED: CUresult = 800;
+pub const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
 pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 
 /// `CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP`.
 pub const HOST_ALLOC_PORTABLE_MAPPED: c_uint = 0x01 | 0x02;
+/// `CU_STREAM_PER_THREAD`: what a NULL stream means to the `_ptsz` variants. Handles up to this
+/// one (NULL, `CU_STREAM_LEGACY` = 1) are the current context's special streams.
+pub const CU_STREAM_PER_THREAD: usize = 0x2;
+/// `CU_STREAM_CAPTURE_STATUS_NONE`.
+pub const CAPTURE_STATUS_NONE: c_int = 0;
 /// `CU_MEM_LOCATION_TYPE_DEVICE`.
 pub const MEM_LOCATION_DEVICE: c_int = 1;
 
@@ -102,6 +111,11 @@ real_driver! {
     cuDeviceGetByPCIBusId: fn(*mut CUdevice, *const c_char);
     cuDeviceTotalMem_v2: fn(*mut usize, CUdevice);
     cuCtxGetDevice: fn(*mut CUdevice);
+    cuCtxPushCurrent_v2: fn(CUcontext);
+    cuCtxPopCurrent_v2: fn(*mut CUcontext);
+    cuStreamGetCtx: fn(CUstream, *mut CUcontext);
+    cuStreamIsCapturing: fn(CUstream, *mut c_int);
+    cuLaunchHostFunc: fn(CUstream, Option<CUhostFn>, *mut c_void);
     cuMemGetInfo_v2: fn(*mut usize, *mut usize);
     cuMemAlloc_v2: fn(*mut CUdeviceptr, usize);
     cuMemAllocPitch_v2: fn(*mut CUdeviceptr, *mut usize, usize, usize, c_uint);

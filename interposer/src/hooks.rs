@@ -23,14 +23,14 @@ use tensor_fusion_interposer_core::limiter::{GRAPH_LAUNCH_COST, launch_cost};
 use tensor_fusion_interposer_core::variants;
 
 use crate::cuda::{
-    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_UNKNOWN, CUDA_SUCCESS,
-    CUdevice, CUdeviceptr, CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult, CUstream,
-    CUuuid, c_name, call_real, read_out, write_out,
+    CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_UNKNOWN,
+    CUDA_SUCCESS, CUdevice, CUdeviceptr, CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult,
+    CUstream, CUuuid, c_name, call_real, read_out, write_out,
 };
 use crate::dlsym::lookup_real;
 use crate::guard::hooked;
 use crate::launch::throttle;
-use crate::memory::{self, Spill};
+use crate::memory::{self, Order, Spill};
 use crate::runtime::{activate, active};
 
 /// Defines an export: `$real` is the real call with the same arguments, `$active` the state
@@ -124,8 +124,18 @@ export!(cuMemGetInfo_v2(free: *mut usize, total: *mut usize) => |active, _real| 
     memory::memory_info(active, free, total)
 });
 
+/// The stream a `_ptsz` variant means: NULL is the per-thread default stream there.
+fn per_thread(stream: CUstream) -> CUstream {
+    if stream.is_null() {
+        CU_STREAM_PER_THREAD as CUstream
+    } else {
+        stream
+    }
+}
+
 export!(cuMemAlloc_v2(out: *mut CUdeviceptr, bytes: usize) => |active, real| {
-    memory::charged_alloc(active, "cuMemAlloc_v2", out, bytes, Spill::Allowed, real)
+    let order = Order::Immediate;
+    memory::charged_alloc(active, "cuMemAlloc_v2", out, bytes, order, Spill::Allowed, real)
 });
 
 export!(cuMemAllocPitch_v2(
@@ -139,11 +149,13 @@ export!(cuMemAllocPitch_v2(
 });
 
 export!(cuMemAllocManaged(out: *mut CUdeviceptr, bytes: usize, flags: c_uint) => |active, real| {
-    memory::charged_alloc(active, "cuMemAllocManaged", out, bytes, Spill::Never, real)
+    let order = Order::Immediate;
+    memory::charged_alloc(active, "cuMemAllocManaged", out, bytes, order, Spill::Never, real)
 });
 
 export!(cuMemAllocAsync(out: *mut CUdeviceptr, bytes: usize, stream: CUstream) => |active, real| {
-    memory::charged_alloc(active, "cuMemAllocAsync", out, bytes, Spill::Never, real)
+    let order = Order::Stream(stream);
+    memory::charged_alloc(active, "cuMemAllocAsync", out, bytes, order, Spill::Allowed, real)
 });
 
 export!(cuMemAllocAsync_ptsz(
@@ -151,7 +163,8 @@ export!(cuMemAllocAsync_ptsz(
     bytes: usize,
     stream: CUstream,
 ) => |active, real| {
-    memory::charged_alloc(active, "cuMemAllocAsync_ptsz", out, bytes, Spill::Never, real)
+    let order = Order::Stream(per_thread(stream));
+    memory::charged_alloc(active, "cuMemAllocAsync_ptsz", out, bytes, order, Spill::Allowed, real)
 });
 
 export!(cuMemAllocFromPoolAsync(
@@ -160,7 +173,9 @@ export!(cuMemAllocFromPoolAsync(
     pool: *mut c_void,
     stream: CUstream,
 ) => |active, real| {
-    memory::charged_alloc(active, "cuMemAllocFromPoolAsync", out, bytes, Spill::Never, real)
+    let order = Order::Stream(stream);
+    let door = "cuMemAllocFromPoolAsync";
+    memory::charged_alloc(active, door, out, bytes, order, Spill::Allowed, real)
 });
 
 export!(cuMemAllocFromPoolAsync_ptsz(
@@ -169,19 +184,21 @@ export!(cuMemAllocFromPoolAsync_ptsz(
     pool: *mut c_void,
     stream: CUstream,
 ) => |active, real| {
-    memory::charged_alloc(active, "cuMemAllocFromPoolAsync_ptsz", out, bytes, Spill::Never, real)
+    let order = Order::Stream(per_thread(stream));
+    let door = "cuMemAllocFromPoolAsync_ptsz";
+    memory::charged_alloc(active, door, out, bytes, order, Spill::Allowed, real)
 });
 
 export!(cuMemFree_v2(address: CUdeviceptr) => |active, real| {
-    memory::charged_free(active, address, real)
+    memory::charged_free(active, address, Order::Immediate, real)
 });
 
 export!(cuMemFreeAsync(address: CUdeviceptr, stream: CUstream) => |active, real| {
-    memory::charged_free(active, address, real)
+    memory::charged_free(active, address, Order::Stream(stream), real)
 });
 
 export!(cuMemFreeAsync_ptsz(address: CUdeviceptr, stream: CUstream) => |active, real| {
-    memory::charged_free(active, address, real)
+    memory::charged_free(active, address, Order::Stream(per_thread(stream)), real)
 });
 
 export!(cuMemCreate(

@@ -1,20 +1,28 @@
 //! VRAM: every allocation door charges the container's usage file before the real driver runs,
 //! so concurrent allocations in any process of the container can never pass the limit together;
 //! frees return the charge to the device the memory came from. Past the limit (or when the
-//! driver itself is out of memory) `cuMemAlloc_v2`/`cuMemAllocPitch_v2` fall back to pinned host
-//! memory mapped into the device address space, up to the spill quota.
+//! driver itself is out of memory) `cuMemAlloc_v2`, `cuMemAllocPitch_v2`, `cuMemAllocAsync` and
+//! `cuMemAllocFromPoolAsync` fall back to pinned host memory mapped into the device address
+//! space, up to the spill quota (the stream-ordered doors not while their stream is being
+//! captured into a graph). A spilled block freed with `cuMemFreeAsync` is handed back to the host
+//! only once its stream has reached the free: a host function queued behind the free sets a
+//! flag (it may not call CUDA itself), and the next allocation, free or memory query of any
+//! thread frees the flagged blocks.
 
 use std::ffi::{c_int, c_uint, c_void};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tensor_fusion_interposer_core::shm::{MemoryKind, UsageError, UsageFile};
 
 use crate::cuda::{
-    CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY, CUDA_SUCCESS, CUdeviceptr,
-    CUmemAllocationProp, CUresult, HOST_ALLOC_PORTABLE_MAPPED, MEM_LOCATION_DEVICE, call_real,
-    read_out, write_out,
+    CAPTURE_STATUS_NONE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, CUDA_SUCCESS, CUdeviceptr, CUmemAllocationProp,
+    CUresult, CUstream, HOST_ALLOC_PORTABLE_MAPPED, MEM_LOCATION_DEVICE, call_real, read_out,
+    write_out,
 };
 use crate::log::log;
-use crate::runtime::{Active, Allocation, Placement, lock};
+use crate::runtime::{Active, Allocation, PendingHostFree, Placement, lock};
 
 /// Row alignment assumed when charging `cuMemAllocPitch_v2` before the driver says the pitch.
 const PITCH_ALIGN_GUESS: usize = 512;
@@ -26,27 +34,55 @@ pub enum Spill {
     Never,
 }
 
+/// When an allocation or free takes effect: at the call, or in the order of a stream (the
+/// `*Async` doors; the `_ptsz` hooks pass `CU_STREAM_PER_THREAD` for a NULL stream).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Immediate,
+    Stream(CUstream),
+}
+
+/// Whether `stream` is being captured into a graph (an error from the driver counts as yes).
+fn capturing(stream: CUstream) -> Result<bool, CUresult> {
+    let mut status = CAPTURE_STATUS_NONE;
+    match call_real!(cuStreamIsCapturing(stream, &mut status)) {
+        CUDA_SUCCESS => Ok(status != CAPTURE_STATUS_NONE),
+        error => Err(error),
+    }
+}
+
 fn refuse(error: &UsageError, door: &str) -> CUresult {
     log!(Info, "door={door} reason=\"{error}\" allocation refused");
     CUDA_ERROR_OUT_OF_MEMORY
 }
 
-/// Charges `bytes` on the current device, runs `real` (which writes the pointer to `out`),
-/// records the result, and spills if allowed.
+/// Charges `bytes` on the device the memory comes from (the current context's, or the stream's),
+/// runs `real` (which writes the pointer to `out`), records the result, and spills if allowed.
 pub fn charged_alloc(
     active: &Active,
     door: &str,
     out: *mut CUdeviceptr,
     bytes: usize,
+    order: Order,
     spill: Spill,
     real: impl FnOnce() -> CUresult,
 ) -> CUresult {
     if out.is_null() || bytes == 0 {
         return real();
     }
-    let device = match active.current_device() {
+    let device = match order {
+        Order::Immediate => active.current_device(),
+        Order::Stream(stream) => active.stream_device(stream),
+    };
+    let device = match device {
         Ok(device) => device,
         Err(code) => return code,
+    };
+    reclaim_host_frees(active);
+    let spill = match (spill, order) {
+        (Spill::Allowed, Order::Stream(stream)) => SpillTo::UnlessCapturing(stream),
+        (Spill::Allowed, Order::Immediate) => SpillTo::Host,
+        (Spill::Never, _) => SpillTo::Nowhere,
     };
     let usage = &active.runtime.usage;
     match usage.reserve(device, bytes as u64, MemoryKind::Device) {
@@ -59,29 +95,50 @@ pub fn charged_alloc(
                 return result;
             }
             usage.release(device, bytes as u64, MemoryKind::Device);
-            if result == CUDA_ERROR_OUT_OF_MEMORY && spill == Spill::Allowed {
-                return spill_alloc(active, door, device, out, bytes).unwrap_or(result);
+            if result == CUDA_ERROR_OUT_OF_MEMORY && spill != SpillTo::Nowhere {
+                return spill_alloc(active, door, device, out, bytes, spill).unwrap_or(result);
             }
             result
         }
-        Err(error @ UsageError::OverLimit { .. }) if spill == Spill::Allowed => {
-            spill_alloc(active, door, device, out, bytes).unwrap_or_else(|| refuse(&error, door))
+        Err(error @ UsageError::OverLimit { .. }) if spill != SpillTo::Nowhere => {
+            spill_alloc(active, door, device, out, bytes, spill)
+                .unwrap_or_else(|| refuse(&error, door))
         }
         Err(error) => refuse(&error, door),
     }
 }
 
-/// Serves an allocation from mapped pinned host memory; `None` if spill is off or its quota
-/// is used up (the caller then reports out of memory).
+/// Where an allocation past the limit may go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SpillTo {
+    Nowhere,
+    Host,
+    /// Host memory, unless the stream is being captured: a captured allocation must be a graph
+    /// allocation, which the graph's own free node will free.
+    UnlessCapturing(CUstream),
+}
+
+/// Serves an allocation from mapped pinned host memory; `None` if spill is off, its quota is
+/// used up, or the stream is being captured (the caller then reports out of memory).
 fn spill_alloc(
     active: &Active,
     door: &str,
     device: usize,
     out: *mut CUdeviceptr,
     bytes: usize,
+    spill: SpillTo,
 ) -> Option<CUresult> {
     let usage = &active.runtime.usage;
     if usage.spill_quota(device) == 0 {
+        return None;
+    }
+    if let SpillTo::UnlessCapturing(stream) = spill
+        && capturing(stream).unwrap_or(true)
+    {
+        log!(
+            Info,
+            "door={door} bytes={bytes} no spill while the stream is captured into a graph"
+        );
         return None;
     }
     if let Err(error) = usage.reserve(device, bytes as u64, MemoryKind::Spill) {
@@ -139,34 +196,141 @@ fn record(active: &Active, address: CUdeviceptr, device: usize, bytes: u64, plac
 
 /// Frees an allocation: the interposer's own are released and uncharged (from the device they
 /// came from), anything else goes to `real` untouched.
+///
+/// A stream-ordered free of device memory is uncharged when it is enqueued: from then on the
+/// driver's pool may hand the same memory to allocations ordered after the free, so keeping the
+/// charge until the stream gets there would refuse the usual free-then-allocate on one stream.
+/// A stream-ordered free of spilled memory is deferred until the stream reaches it.
 pub fn charged_free(
     active: &Active,
     address: CUdeviceptr,
+    order: Order,
     real: impl FnOnce() -> CUresult,
 ) -> CUresult {
+    reclaim_host_frees(active);
     let Some(allocation) = lock(&active.allocations).remove(&address) else {
         return real();
     };
     let usage = &active.runtime.usage;
-    match allocation.placement {
-        Placement::Device => {
+    let result = match (allocation.placement, order) {
+        (Placement::Device, _) => {
             let result = real();
             if result == CUDA_SUCCESS {
                 usage.release(allocation.device, allocation.bytes, MemoryKind::Device);
-            } else {
-                lock(&active.allocations).insert(address, allocation);
             }
             result
         }
-        Placement::Spilled { host } => {
+        (Placement::Spilled { host }, Order::Immediate) => {
             let result = call_real!(cuMemFreeHost(host as *mut c_void));
             if result == CUDA_SUCCESS {
                 usage.release(allocation.device, allocation.bytes, MemoryKind::Spill);
-            } else {
-                lock(&active.allocations).insert(address, allocation);
             }
             result
         }
+        (Placement::Spilled { host }, Order::Stream(stream)) => {
+            defer_host_free(active, host, &allocation, stream)
+        }
+    };
+    if result != CUDA_SUCCESS {
+        lock(&active.allocations).insert(address, allocation);
+    }
+    result
+}
+
+/// Called by the driver on its own thread when a stream reaches a deferred host free. It must
+/// not call CUDA, so it only sets the flag; it runs exactly once per `cuLaunchHostFunc`.
+unsafe extern "C" fn mark_reached(token: *mut c_void) {
+    // SAFETY: `token` is the `Arc<AtomicBool>` reference that `defer_host_free` leaked for
+    // exactly this one call; it is taken back here once.
+    let reached = unsafe { Arc::from_raw(token.cast_const().cast::<AtomicBool>()) };
+    reached.store(true, Ordering::Release);
+}
+
+/// Queues the host free of a spilled block behind the work already on `stream`.
+fn defer_host_free(
+    active: &Active,
+    host: usize,
+    allocation: &Allocation,
+    stream: CUstream,
+) -> CUresult {
+    match capturing(stream) {
+        Ok(false) => {}
+        Ok(true) => {
+            log!(
+                Info,
+                "bytes={} spilled memory cannot be freed inside a stream capture",
+                allocation.bytes
+            );
+            return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+        }
+        Err(error) => return error,
+    }
+    let reached = Arc::new(AtomicBool::new(false));
+    let token = Arc::into_raw(Arc::clone(&reached));
+    let result = call_real!(cuLaunchHostFunc(
+        stream,
+        Some(mark_reached),
+        token.cast_mut().cast()
+    ));
+    if result != CUDA_SUCCESS {
+        // SAFETY: the driver refused the host function, so `token` was not handed over; this
+        // takes back the reference leaked above.
+        drop(unsafe { Arc::from_raw(token) });
+        return result;
+    }
+    let mut pending = lock(&active.pending_host_frees);
+    pending.push(PendingHostFree {
+        host,
+        device: allocation.device,
+        bytes: allocation.bytes,
+        reached,
+    });
+    active
+        .pending_host_free_count
+        .store(pending.len(), Ordering::Release);
+    CUDA_SUCCESS
+}
+
+/// Frees the host memory of deferred spilled blocks whose streams reached their free, and
+/// releases their spill charge. One atomic load when there are none.
+pub fn reclaim_host_frees(active: &Active) {
+    if active.pending_host_free_count.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let reached: Vec<PendingHostFree> = {
+        let mut pending = lock(&active.pending_host_frees);
+        let (reached, waiting) = std::mem::take(&mut *pending)
+            .into_iter()
+            .partition(|free| free.reached.load(Ordering::Acquire));
+        *pending = waiting;
+        active
+            .pending_host_free_count
+            .store(pending.len(), Ordering::Release);
+        reached
+    };
+    let mut failed = Vec::new();
+    for free in reached {
+        let result = call_real!(cuMemFreeHost(free.host as *mut c_void));
+        if result == CUDA_SUCCESS {
+            active
+                .runtime
+                .usage
+                .release(free.device, free.bytes, MemoryKind::Spill);
+        } else {
+            log!(
+                Warn,
+                "bytes={} result={result} freeing spilled host memory failed; retrying later",
+                free.bytes
+            );
+            failed.push(free);
+        }
+    }
+    if !failed.is_empty() {
+        let mut pending = lock(&active.pending_host_frees);
+        pending.extend(failed);
+        active
+            .pending_host_free_count
+            .store(pending.len(), Ordering::Release);
     }
 }
 
@@ -180,29 +344,43 @@ pub fn pitch_alloc(
     element_bytes: c_uint,
 ) -> CUresult {
     let real = || call_real!(cuMemAllocPitch_v2(out, pitch, width, height, element_bytes));
-    let Some(guess) = width
-        .checked_next_multiple_of(PITCH_ALIGN_GUESS)
-        .and_then(|row| row.checked_mul(height))
-    else {
-        return CUDA_ERROR_INVALID_VALUE;
-    };
-    if pitch.is_null() {
+    if pitch.is_null() || width == 0 || height == 0 || ![4, 8, 16].contains(&element_bytes) {
+        // The driver's own answer (CUDA_ERROR_INVALID_VALUE) for what it would refuse anyway.
         return real();
     }
-    let result = charged_alloc(active, "cuMemAllocPitch_v2", out, guess, Spill::Never, real);
+    let Some(row_guess) = width.checked_next_multiple_of(PITCH_ALIGN_GUESS) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    let Some(guess) = row_guess.checked_mul(height) else {
+        return CUDA_ERROR_INVALID_VALUE;
+    };
+    let result = charged_alloc(
+        active,
+        "cuMemAllocPitch_v2",
+        out,
+        guess,
+        Order::Immediate,
+        Spill::Allowed,
+        real,
+    );
     if result != CUDA_SUCCESS {
         return result;
     }
     let Some(address) = read_out(out) else {
         return result;
     };
-    let actual = read_out(pitch).unwrap_or(0).saturating_mul(height) as u64;
-    let guess = guess as u64;
     let usage = &active.runtime.usage;
     let mut allocations = lock(&active.allocations);
     let Some(allocation) = allocations.get_mut(&address) else {
         return result;
     };
+    if matches!(allocation.placement, Placement::Spilled { .. }) {
+        // Served from host memory in rows of the guessed pitch.
+        write_out(pitch, row_guess);
+        return result;
+    }
+    let actual = read_out(pitch).unwrap_or(0).saturating_mul(height) as u64;
+    let guess = guess as u64;
     if actual < guess {
         usage.release(allocation.device, guess - actual, MemoryKind::Device);
         allocation.bytes = actual;
@@ -283,6 +461,7 @@ pub fn vmm_release(active: &Active, handle: u64) -> CUresult {
 /// `cuMemGetInfo_v2`: total is the limit, free is what is left of it (never below 0, never above
 /// what the GPU really has free). Errors only when the driver does.
 pub fn memory_info(active: &Active, free: *mut usize, total: *mut usize) -> CUresult {
+    reclaim_host_frees(active);
     let mut real_free = 0_usize;
     let mut real_total = 0_usize;
     let result = call_real!(cuMemGetInfo_v2(&mut real_free, &mut real_total));

@@ -5,14 +5,16 @@
 
 use std::collections::HashMap;
 use std::ffi::c_int;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tensor_fusion_interposer_core::config::ContainerLimits;
 use tensor_fusion_interposer_core::shm::{DeviceSettings, MAX_DEVICES, UsageFile};
 
 use crate::cuda::{
-    CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_NO_DEVICE, CUDA_ERROR_NOT_PERMITTED, CUDA_SUCCESS,
-    CUdevice, CUresult, CUuuid, call_real, format_uuid,
+    CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_NO_DEVICE,
+    CUDA_ERROR_NOT_PERMITTED, CUDA_SUCCESS, CUcontext, CUdevice, CUresult, CUstream, CUuuid,
+    call_real, format_uuid,
 };
 use crate::log::log;
 
@@ -57,12 +59,25 @@ pub struct Allocation {
     pub placement: Placement,
 }
 
+/// A spilled block freed with `cuMemFreeAsync`: kernels queued before the free may still read
+/// it, so its host memory goes back (and its spill charge is released) only after the stream
+/// reached the free, which a host function queued behind the free reports through `reached`.
+pub struct PendingHostFree {
+    pub host: usize,
+    pub device: usize,
+    pub bytes: u64,
+    pub reached: Arc<AtomicBool>,
+}
+
 /// Everything hooks need once `cuInit` succeeded.
 pub struct Active {
     pub runtime: &'static Runtime,
     pub devices: Vec<Visible>,
     pub allocations: Mutex<HashMap<u64, Allocation>>,
     pub vmm_handles: Mutex<HashMap<u64, Allocation>>,
+    pub pending_host_frees: Mutex<Vec<PendingHostFree>>,
+    /// Length of `pending_host_frees`, read without the lock on every allocation and free.
+    pub pending_host_free_count: AtomicUsize,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, CUresult>> = OnceLock::new();
@@ -167,6 +182,8 @@ pub fn activate() -> CUresult {
         devices,
         allocations: Mutex::new(HashMap::new()),
         vmm_handles: Mutex::new(HashMap::new()),
+        pending_host_frees: Mutex::new(Vec::new()),
+        pending_host_free_count: AtomicUsize::new(0),
     });
     CUDA_SUCCESS
 }
@@ -248,6 +265,31 @@ impl Active {
             return Err(result);
         }
         self.index_of(device).ok_or(CUDA_ERROR_INVALID_DEVICE)
+    }
+
+    /// Index of the device a stream-ordered allocation on `stream` comes from: the device of the
+    /// stream's context (the special streams are the current context's), whatever context is
+    /// current. With one visible device, a created stream can only be on that one.
+    pub fn stream_device(&self, stream: CUstream) -> Result<usize, CUresult> {
+        if stream as usize <= CU_STREAM_PER_THREAD {
+            return self.current_device();
+        }
+        if self.devices.len() == 1 {
+            return Ok(0);
+        }
+        let mut context: CUcontext = std::ptr::null_mut();
+        let result = call_real!(cuStreamGetCtx(stream, &mut context));
+        if result != CUDA_SUCCESS {
+            return Err(result);
+        }
+        let result = call_real!(cuCtxPushCurrent_v2(context));
+        if result != CUDA_SUCCESS {
+            return Err(result);
+        }
+        let device = self.current_device();
+        let mut popped: CUcontext = std::ptr::null_mut();
+        call_real!(cuCtxPopCurrent_v2(&mut popped));
+        device
     }
 
     /// Like [`Active::current_device`], but skips the driver call when only one device is

@@ -316,3 +316,89 @@ fn other_libraries_lookups_pass_through_untouched() {
     assert_eq!(report.number("mock", "launches"), 0);
     assert_eq!(report.get("nvml", "init"), "0");
 }
+
+#[test]
+fn stream_ordered_allocations_are_charged_to_the_streams_device() {
+    let pod = Pod::with_limits(&format!(
+        "gpu_uuids={},{}\nvram_limit={}\n",
+        mock_uuid(0),
+        mock_uuid(1),
+        4 * MIB
+    ));
+    let report = pod.run(
+        "exports",
+        &[
+            "init",
+            "ctx:1",
+            "stream",
+            // Another device's context is current; the stream belongs to device 1.
+            "ctx:0",
+            "asyncalloc:3145728",
+            "meminfo",
+            "ctx:1",
+            "meminfo",
+            "mock",
+            "ctx:0",
+            "asyncfreeall",
+            "ctx:1",
+            "meminfo",
+        ],
+    );
+    assert_eq!(report.number("asyncalloc:3145728", "result"), 0);
+    assert_eq!(
+        report.all("meminfo", "free"),
+        [
+            (4 * MIB).to_string(),
+            MIB.to_string(),
+            (4 * MIB).to_string()
+        ],
+        "device 0 untouched, device 1 charged, then returned"
+    );
+    assert_eq!(report.number("mock", "used"), 3 * MIB, "on device 1");
+    assert_eq!(report.get("asyncfreeall", "results"), "0");
+}
+
+/// What a program sees before `cuInit`, without a context and with bad arguments: the mock's
+/// answers are the driver's, and the interposer passes them through unchanged.
+const ERROR_SESSION: &[&str] = &[
+    "count",
+    "init",
+    "meminfo",
+    "alloc:1024",
+    "ctx:0",
+    "alloc:0",
+    "freeforeign",
+    "freenull",
+];
+
+fn check_error_codes(report: &support::Report) {
+    assert_eq!(
+        report.number("count", "result"),
+        3,
+        "CUDA_ERROR_NOT_INITIALIZED"
+    );
+    assert_eq!(report.number("init", "result"), 0);
+    assert_eq!(
+        report.number("meminfo", "result"),
+        201,
+        "CUDA_ERROR_INVALID_CONTEXT"
+    );
+    assert_eq!(report.number("alloc:1024", "result"), 201);
+    assert_eq!(
+        report.number("alloc:0", "result"),
+        1,
+        "CUDA_ERROR_INVALID_VALUE"
+    );
+    assert_eq!(report.number("freeforeign", "result"), 1);
+    assert_eq!(
+        report.number("freenull", "result"),
+        0,
+        "freeing NULL is a no-op"
+    );
+}
+
+#[test]
+fn the_mock_answers_errors_like_the_driver_and_the_interposer_keeps_them() {
+    check_error_codes(&pod().run_without_interposer("exports", ERROR_SESSION));
+    check_error_codes(&pod().run("procaddr:12080:0", ERROR_SESSION));
+}

@@ -1,6 +1,8 @@
-//! VRAM spill to host memory: past the device limit, up to the spill quota, `cuMemAlloc_v2` is
+//! VRAM spill to host memory: past the device limit, up to the spill quota, `cuMemAlloc_v2`,
+//! `cuMemAllocPitch_v2` and the stream-ordered `cuMemAllocAsync`/`cuMemAllocFromPoolAsync` are
 //! served from pinned host memory mapped into the device address space, counted apart from
-//! VRAM, and freed through the right call.
+//! VRAM, and freed through the right call: at once for `cuMemFree_v2`, and only after the stream
+//! reached the free for `cuMemFreeAsync`.
 
 mod support;
 
@@ -116,4 +118,152 @@ fn without_a_quota_nothing_spills() {
     let report = pod.run("exports", &["init", "ctx:0", "alloc:2097152", "mock"]);
     assert_eq!(report.number("alloc:2097152", "result"), 2);
     assert_eq!(report.number("mock", "host"), 0);
+}
+
+#[test]
+fn pitched_allocations_spill_with_the_pitch_they_were_charged() {
+    let pod = Pod::with_limits(&format!(
+        "vram_limit={}\nspill_quota={}\n",
+        MIB / 2,
+        4 * MIB
+    ));
+    let report = pod.run(
+        "exports",
+        &[
+            "init",
+            "ctx:0",
+            "pitch:1000:1024",
+            "mock",
+            "freeall",
+            "meminfo",
+        ],
+    );
+    assert_eq!(report.number("pitch:1000:1024", "result"), 0);
+    assert_eq!(report.number("pitch:1000:1024", "pitch"), 1024);
+    assert_eq!(
+        report.number("mock", "host"),
+        MIB,
+        "1024 rows of 1024 bytes"
+    );
+    assert_eq!(report.number("mock", "used"), 0);
+    assert_eq!(report.get("freeall", "results"), "0");
+    let usage = UsageFile::attach(&pod.usage_path()).unwrap();
+    assert_eq!(usage.used(0, MemoryKind::Spill), 0);
+}
+
+#[test]
+fn stream_ordered_allocations_spill_and_host_memory_waits_for_the_stream() {
+    let pod = Pod::with_limits(&format!(
+        "vram_limit={}\nspill_quota={}\n",
+        4 * MIB,
+        8 * MIB
+    ));
+    let report = pod.run(
+        "procaddr:12080:0",
+        &[
+            "init",
+            "ctx:0",
+            "stream",
+            "asyncalloc:3145728",
+            "asyncalloc:3145728",
+            "poolalloc:2097152",
+            "mock",
+            // The stream is busy with a long kernel that may still read the spilled blocks.
+            "busy:1",
+            "asyncfreeall",
+            "meminfo",
+            "mock",
+            // The stream passes the frees; the next call into the interposer returns the host
+            // memory.
+            "busy:0",
+            "meminfo",
+            "mock",
+        ],
+    );
+    assert_eq!(
+        report.all("asyncalloc:3145728", "result"),
+        ["0", "0"],
+        "the second one spilled (3 + 3 > 4)"
+    );
+    assert_eq!(report.number("poolalloc:2097152", "result"), 0, "spilled");
+    assert_eq!(report.get("asyncfreeall", "results"), "0,0,0");
+    assert_eq!(
+        report.all("mock", "used"),
+        [(3 * MIB).to_string(), (3 * MIB).to_string(), "0".into()],
+        "the driver keeps the device block until the stream reaches its free"
+    );
+    assert_eq!(
+        report.all("mock", "host"),
+        [(5 * MIB).to_string(), (5 * MIB).to_string(), "0".into()],
+        "spilled host memory is not freed under a kernel still queued before the free"
+    );
+    assert_eq!(
+        report.all("meminfo", "free"),
+        [(4 * MIB).to_string(), (4 * MIB).to_string()],
+        "device memory is uncharged when its free is enqueued"
+    );
+    let usage = UsageFile::attach(&pod.usage_path()).unwrap();
+    assert_eq!(usage.used(0, MemoryKind::Spill), 0, "spill charge released");
+    assert_eq!(usage.used(0, MemoryKind::Device), 0);
+}
+
+#[test]
+fn the_per_thread_default_stream_frees_spilled_memory_in_order_too() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\nspill_quota={}\n", MIB, 8 * MIB));
+    // cuGetProcAddress with the per-thread flag: the _ptsz hooks, NULL stream.
+    let report = pod.run(
+        "procaddr:12080:2",
+        &[
+            "init",
+            "ctx:0",
+            "asyncalloc:2097152",
+            "mock",
+            "asyncfreeall",
+            "meminfo",
+            "mock",
+        ],
+    );
+    assert_eq!(report.number("asyncalloc:2097152", "result"), 0);
+    assert_eq!(
+        report.all("mock", "host"),
+        [(2 * MIB).to_string(), "0".into()]
+    );
+    assert_eq!(report.get("asyncfreeall", "results"), "0");
+}
+
+#[test]
+fn nothing_spills_into_a_stream_capture_and_spilled_memory_outlives_one() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\nspill_quota={}\n", MIB, 8 * MIB));
+    let report = pod.run(
+        "exports",
+        &[
+            "init",
+            "ctx:0",
+            "stream",
+            "asyncalloc:2097152",
+            "capture:1",
+            "asyncalloc:2097153",
+            "asyncfreeall",
+            "capture:0",
+            "mock",
+            "asyncfreeall",
+            "meminfo",
+            "mock",
+        ],
+    );
+    assert_eq!(report.number("asyncalloc:2097152", "result"), 0, "spilled");
+    assert_eq!(
+        report.number("asyncalloc:2097153", "result"),
+        2,
+        "a captured allocation must be a graph allocation: no spill"
+    );
+    assert_eq!(
+        report.all("asyncfreeall", "results"),
+        ["900", "0"],
+        "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED inside the capture, freed after it"
+    );
+    assert_eq!(
+        report.all("mock", "host"),
+        [(2 * MIB).to_string(), "0".into()]
+    );
 }

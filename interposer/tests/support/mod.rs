@@ -162,6 +162,16 @@ impl Pod {
         Report::from_output(&output)
     }
 
+    /// Runs a probe against the mock driver alone, without the interposer.
+    pub fn run_without_interposer(&self, via: &str, ops: &[&str]) -> Report {
+        let output = self
+            .probe(via, ops)
+            .env_remove("LD_PRELOAD")
+            .output()
+            .expect("starting the probe process");
+        Report::from_output(&output)
+    }
+
     /// Starts a probe that holds its state after `ops` until its stdin closes.
     pub fn spawn_holding(&self, via: &str, ops: &[&str]) -> Holding {
         let mut ops = ops.to_vec();
@@ -252,6 +262,20 @@ impl Report {
         self.fields(op)
             .remove(key)
             .unwrap_or_else(|| panic!("no {key} for {op:?} in probe output:\n{self:?}"))
+    }
+
+    /// The value of `key` on every line printed for `op`, in order.
+    pub fn all(&self, op: &str, key: &str) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter(|line| line.split(' ').next() == Some(op))
+            .filter_map(|line| {
+                line.split(' ')
+                    .skip(1)
+                    .find_map(|field| field.strip_prefix(key)?.strip_prefix('='))
+                    .map(str::to_owned)
+            })
+            .collect()
     }
 
     pub fn number(&self, op: &str, key: &str) -> u64 {
