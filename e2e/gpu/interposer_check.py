@@ -6,10 +6,12 @@ a fresh child process with LD_PRELOAD of the interposer and a fresh pod director
 container's limits file, the way the node agent would write it (docs/interposer.md):
 
 1. vram: a 4 GiB limit shows as 4 GiB total in torch.cuda.mem_get_info, and allocating past it
-   raises torch.cuda.OutOfMemoryError with no more than 4 GiB held (plain and with
-   PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the VMM path).
+   raises torch.cuda.OutOfMemoryError with no more than 4 GiB held (the caching allocator's
+   cudaMalloc path; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the VMM path; and
+   backend:cudaMallocAsync, the stream-ordered path).
 2. spill: with a 4 GiB spill quota the same process holds 6 GiB, and a kernel reading the
-   spilled tensors computes the right answer.
+   spilled tensors computes the right answer (cudaMalloc path and cudaMallocAsync backend; the
+   latter also frees the spilled tensors with cudaFreeAsync and allocates again).
 3. compute: a matmul loop under a 30% share runs at 30% +- 5 points of its unlimited speed. The
    script plays the node agent's calibration step: it reads how many launch tokens per second the
    unlimited run used from the usage file and sets the refill rate to 30% of that.
@@ -79,6 +81,16 @@ def launched_units(pod, device=0):
     return read_word(pod, DEVICE_BLOCK_AT + device * DEVICE_BLOCK_BYTES + LAUNCHED_UNITS_WORD * 8)
 
 
+# The child reads its own usage file while it still holds its tensors: spilled bytes held on
+# device 0, summed over the process slots (docs/interposer.md).
+USAGE_READER = r"""
+import os, struct
+def spilled_bytes():
+    with open(os.path.join(os.environ["TF_POD_DIR"], "main.shm"), "rb") as handle:
+        data = handle.read()
+    return sum(struct.unpack_from("<Q", data, %d + slot * %d + %d * 8)[0] for slot in range(128))
+""" % (SLOTS_AT, SLOT_BYTES, SPILL_WORD_BASE)
+
 VRAM_CODE = r"""
 import json, torch
 free, total = torch.cuda.mem_get_info()
@@ -88,34 +100,58 @@ try:
         held.append(torch.empty(256 << 20, dtype=torch.uint8, device="cuda"))
 except torch.cuda.OutOfMemoryError:
     oom = True
+try:
+    reserved = torch.cuda.memory_reserved()
+except Exception:  # an allocator backend without the statistic
+    reserved = -1
 print(json.dumps({"total": total, "free": free, "oom": oom,
-                  "held": len(held) * (256 << 20),
-                  "reserved": torch.cuda.memory_reserved()}))
+                  "held": len(held) * (256 << 20), "reserved": reserved}))
 """
 
 
-def check_vram(expandable):
-    env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"} if expandable else {}
-    result, _ = child(VRAM_CODE, {"vram_limit": 4 * GIB}, env)
-    ok = result["total"] == 4 * GIB and result["oom"] and result["reserved"] <= 4 * GIB
+ALLOC_CONF = {
+    "caching": {},
+    "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    "async": {"PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync"},
+}
+
+
+def check_vram(allocator):
+    result, _ = child(VRAM_CODE, {"vram_limit": 4 * GIB}, ALLOC_CONF[allocator])
+    ok = result["total"] == 4 * GIB and result["oom"] and result["held"] <= 4 * GIB
+    if allocator != "async":
+        # The stream-ordered pool reports its own reservation, which includes freed blocks.
+        ok = ok and result["reserved"] <= 4 * GIB
     return ok, result
 
 
-SPILL_CODE = r"""
+SPILL_CODE = USAGE_READER + r"""
 import json, torch
 held = [torch.full((256 << 20,), 1, dtype=torch.uint8, device="cuda") for _ in range(24)]
 total = sum(int(t.sum(dtype=torch.int64).item()) for t in held)
-print(json.dumps({"held": len(held) * (256 << 20), "sum": total}))
+spilled = spilled_bytes()
+# Free everything (cudaFreeAsync under the async backend: spilled blocks go back to the host once
+# the stream passes the frees) and allocate the same again.
+del held
+torch.cuda.synchronize()
+again = [torch.full((256 << 20,), 2, dtype=torch.uint8, device="cuda") for _ in range(24)]
+total_again = sum(int(t.sum(dtype=torch.int64).item()) for t in again)
+print(json.dumps({"held": len(again) * (256 << 20), "sum": total, "sum_again": total_again,
+                  "spilled_while_held": spilled, "spilled_at_end": spilled_bytes()}))
 """
 
 
-def check_spill():
-    result, pod = child(SPILL_CODE, {"vram_limit": 4 * GIB, "spill_quota": 4 * GIB})
-    spilled = 0
-    for slot in range(128):
-        spilled += read_word(pod, SLOTS_AT + slot * SLOT_BYTES + SPILL_WORD_BASE * 8)
-    result["spilled_bytes_in_usage_file"] = spilled
-    ok = result["held"] == 6 * GIB and result["sum"] == 6 * GIB and spilled >= 2 * GIB
+def check_spill(allocator):
+    result, _ = child(
+        SPILL_CODE, {"vram_limit": 4 * GIB, "spill_quota": 4 * GIB}, ALLOC_CONF[allocator]
+    )
+    ok = (
+        result["held"] == 6 * GIB
+        and result["sum"] == 6 * GIB
+        and result["sum_again"] == 12 * GIB
+        and 2 * GIB <= result["spilled_while_held"] <= 4 * GIB
+        and result["spilled_at_end"] <= 4 * GIB
+    )
     return ok, result
 
 
@@ -167,9 +203,11 @@ def main():
     if "TF_INTERPOSER" not in os.environ:
         sys.exit("TF_INTERPOSER must name libtensor_fusion_interposer.so")
     checks = [
-        ("vram limit 4 GiB (cudaMalloc path)", lambda: check_vram(False)),
-        ("vram limit 4 GiB (expandable segments / VMM path)", lambda: check_vram(True)),
-        ("spill 2 GiB past a 4 GiB limit", check_spill),
+        ("vram limit 4 GiB (cudaMalloc path)", lambda: check_vram("caching")),
+        ("vram limit 4 GiB (expandable segments / VMM path)", lambda: check_vram("expandable")),
+        ("vram limit 4 GiB (cudaMallocAsync backend)", lambda: check_vram("async")),
+        ("spill 2 GiB past a 4 GiB limit (cudaMalloc path)", lambda: check_spill("caching")),
+        ("spill 2 GiB past a 4 GiB limit (cudaMallocAsync backend)", lambda: check_spill("async")),
         ("matmul at 30% share", check_compute),
     ]
     passed = failed = 0
