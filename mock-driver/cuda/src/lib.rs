@@ -54,6 +54,7 @@ const VERSION_NOT_SUFFICIENT: c_int = 2;
 
 const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x02;
 const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
+const CU_MEM_ALLOCATION_TYPE_PINNED: c_int = 1;
 const PER_THREAD_STREAM_FLAG: u64 = 1 << 1;
 /// `CU_STREAM_PER_THREAD`, the largest special stream handle (`CU_STREAM_LEGACY` is 1).
 const CU_STREAM_PER_THREAD: usize = 0x2;
@@ -932,6 +933,9 @@ pub unsafe extern "C" fn cuMemCreate(
             }
             // SAFETY: a non-null prop points at a CUmemAllocationProp per the API.
             let prop = unsafe { &*prop };
+            if prop.allocation_type != CU_MEM_ALLOCATION_TYPE_PINNED {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
             let device =
                 (prop.location_type == CU_MEM_LOCATION_TYPE_DEVICE).then_some(prop.location_id);
             let address = mock().allocate(device, bytes)?;
