@@ -31,8 +31,10 @@ pub struct DiscoveredGpu {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProcessUtilisation {
     pub pid: u32,
-    /// Percent of the window the GPU spent on this process's kernels.
+    /// Percent of the sampled period the GPU spent on this process's kernels.
     pub sm_percent: u32,
+    /// When NVML took the sample, in microseconds (pass the newest as `since_us` next time).
+    pub timestamp_us: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +226,7 @@ impl Nvml {
             .map(|sample| ProcessUtilisation {
                 pid: sample.pid,
                 sm_percent: sample.sm_util,
+                timestamp_us: sample.time_stamp,
             })
             .collect())
     }

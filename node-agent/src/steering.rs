@@ -2,15 +2,22 @@
 //! injected container on a GPU) and writes the refill rate the interposer's token bucket uses,
 //! through the usage file `<pod dir>/<container>.shm`.
 //!
-//! Per tenant and window: launched tokens and throttled launches (differences of the counters in
-//! the usage file) and the share of GPU time its processes used (NVML per-process utilisation,
-//! matched to the container through the pids in the usage file's process slots; NVML reports
-//! host pids, the slots hold the container's pids, and `/proc/<pid>/status` `NSpid` links the
-//! two). The rule itself, [`tensor_fusion_interposer_core::limiter::Steering`], is shared with
-//! the interposer's simulation tests.
+//! Per GPU and window, [`SteeringLoop::step`] takes the tenants ([`tenants`], from the grants),
+//! reads from each usage file the launched tokens and throttled launches (differences of its
+//! counters) and the processes in its slots, and asks a [`UtilisationSource`] for the share of
+//! GPU time each process used (NVML per-process utilisation in production, [`NvmlUtilisation`]).
+//! NVML names host pids while the slots hold the container's pids, so both sides are compared
+//! as [`ProcessIdentity`]: the pid inside the container (`NSpid` in `/proc/<pid>/status`) and the
+//! process start time, which tells apart the pid 1 of every container. The rule itself,
+//! [`tensor_fusion_interposer_core::limiter::Steering`], is shared with the interposer's
+//! simulation tests; `tests/steering_closed_loop.rs` runs this loop against a simulated GPU.
+//!
+//! A window in which NVML reported nothing for a GPU although its tenants launched work is not
+//! a measurement (NVML samples on its own period, which can be longer than the window): the
+//! loop leaves the rates alone and measures the next window over the whole span.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,15 +25,19 @@ use tensor_fusion_interposer_core::config::usage_file_path;
 use tensor_fusion_interposer_core::limiter::{Steering, TenantWindow};
 use tensor_fusion_interposer_core::shm::{SLOT_COUNT, UsageFile};
 
-use crate::agent::Agent;
-use crate::discovery::Nvml;
+use crate::agent::{Agent, AgentState};
+use crate::discovery::{Nvml, NvmlError};
 use crate::worker::pod_dir;
 
 /// Byte offset of the first process slot in the usage file (header 8 words, 8 device blocks of
 /// 16 words; `docs/interposer.md`).
 const SLOTS_AT_BYTES: usize = 1088;
-/// Bytes per process slot (20 words).
+/// Bytes per process slot (20 words: pid, start time, then per-device counters).
 const SLOT_BYTES: usize = 160;
+/// Per window, a throttled tenant that NVML has never seen busy gets this many times its refill
+/// rate. A first guess far too low leaves it under NVML's 1 % resolution, where the rule has
+/// nothing to learn from; this climbs out of it in a few windows, then the rule takes over.
+const UNMEASURED_RAMP: f64 = 4.0;
 
 /// One container on one GPU.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,40 +49,106 @@ pub struct Tenant {
     pub limit_share: f64,
 }
 
-/// Counters of a tenant at the end of the previous window.
-#[derive(Debug, Clone, Copy, Default)]
-struct Previous {
-    launched_units: u64,
-    throttled_launches: u64,
+/// A process as a usage file's slot names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessIdentity {
+    /// The pid inside the container's PID namespace.
+    pub pid: u32,
+    /// Clock ticks after boot at which the process started (`/proc/<pid>/stat` field 22); 0 when
+    /// unknown, which matches any start time.
+    pub start_time: u64,
 }
 
-/// The pids in a usage file's process slots (container PID namespace).
-pub fn slot_pids(bytes: &[u8]) -> Vec<u32> {
+impl ProcessIdentity {
+    fn matches(&self, other: &ProcessIdentity) -> bool {
+        self.pid == other.pid
+            && (self.start_time == 0
+                || other.start_time == 0
+                || self.start_time == other.start_time)
+    }
+}
+
+/// One utilisation sample of one process, translated to the container's view.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessSample {
+    pub process: ProcessIdentity,
+    /// Percent of the sampled period the GPU spent on this process's kernels.
+    pub sm_percent: u32,
+    /// NVML's timestamp of the sample, in microseconds (0 when the source has none).
+    pub timestamp_us: u64,
+}
+
+/// Where per-process GPU utilisation comes from.
+pub trait UtilisationSource {
+    /// Samples of GPU `gpu_index` newer than `since_us` (0: everything the source holds).
+    fn samples(&mut self, gpu_index: u32, since_us: u64) -> Result<Vec<ProcessSample>, NvmlError>;
+}
+
+/// NVML's `nvmlDeviceGetProcessUtilization`, with host pids mapped to the containers' pids
+/// through `/proc` (the agent needs `hostPID`; without it the pid is kept as NVML gave it).
+pub struct NvmlUtilisation<'a>(pub &'a Nvml);
+
+impl UtilisationSource for NvmlUtilisation<'_> {
+    fn samples(&mut self, gpu_index: u32, since_us: u64) -> Result<Vec<ProcessSample>, NvmlError> {
+        Ok(self
+            .0
+            .process_utilisation(gpu_index, since_us)?
+            .into_iter()
+            .map(|sample| ProcessSample {
+                process: host_process_identity(sample.pid),
+                sm_percent: sample.sm_percent,
+                timestamp_us: sample.timestamp_us,
+            })
+            .collect())
+    }
+}
+
+/// The processes in a usage file's slots.
+pub fn slot_processes(bytes: &[u8]) -> Vec<ProcessIdentity> {
+    let word = |at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+    };
     (0..SLOT_COUNT)
         .filter_map(|slot| {
             let at = SLOTS_AT_BYTES + slot * SLOT_BYTES;
-            let word = bytes.get(at..at + 8)?;
-            let pid = u64::from_le_bytes(word.try_into().ok()?);
-            (pid != 0).then_some(pid as u32)
+            let pid = word(at)?;
+            (pid != 0).then_some(ProcessIdentity {
+                pid: pid as u32,
+                start_time: word(at + 8).unwrap_or(0),
+            })
         })
         .collect()
 }
 
-/// The innermost-namespace pid of host process `pid` (the `NSpid` line's last field).
-fn namespace_pid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .last()?
-        .parse()
+/// The identity of host process `pid` as its own container sees it.
+pub fn host_process_identity(pid: u32) -> ProcessIdentity {
+    let namespace_pid = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("NSpid:"))?
+                .split_whitespace()
+                .last()?
+                .parse()
+                .ok()
+        });
+    // Field 22; the command name (field 2) may hold spaces, so count after its `)`.
+    let start_time = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, rest) = stat.rsplit_once(')')?;
+            rest.split_whitespace().nth(19)?.parse().ok()
+        });
+    ProcessIdentity {
+        pid: namespace_pid.unwrap_or(pid),
+        start_time: start_time.unwrap_or(0),
+    }
 }
 
-/// Tenants of every GPU (by NVML index) from the agent's workers.
-async fn tenants(agent: &Agent) -> BTreeMap<u32, Vec<Tenant>> {
-    let state = agent.state.lock().await;
+/// Tenants of every GPU (by NVML index): each injected container with a TFLOPS limit, on each
+/// GPU of its grant, with its request and limit as shares of that GPU.
+pub fn tenants(host_root: &Path, state: &AgentState) -> BTreeMap<u32, Vec<Tenant>> {
     let index_of: HashMap<&str, u32> = state
         .gpus
         .iter()
@@ -85,7 +162,7 @@ async fn tenants(agent: &Agent) -> BTreeMap<u32, Vec<Tenant>> {
         .collect();
     let mut by_gpu: BTreeMap<u32, Vec<Tenant>> = BTreeMap::new();
     for record in state.workers.values() {
-        let dir = pod_dir(&agent.config.host_root, &record.spec.uid);
+        let dir = pod_dir(host_root, &record.spec.uid);
         for container in &record.spec.containers {
             let Some(limit) = container.tflops_limit else {
                 continue;
@@ -119,105 +196,229 @@ async fn tenants(agent: &Agent) -> BTreeMap<u32, Vec<Tenant>> {
     by_gpu
 }
 
+/// Counters of a tenant at the start of the window being measured.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    launched_units: u64,
+    throttled_launches: u64,
+}
+
+/// The loop's memory for one GPU.
+struct GpuSteering {
+    /// The tenants the rule's estimates belong to, in order.
+    tenants: Vec<(PathBuf, usize)>,
+    rule: Steering,
+    /// Per tenant: NVML has seen it busy while it launched, so the rule knows its token rate.
+    measured: Vec<bool>,
+    /// When the window being measured started (seconds on the caller's clock).
+    window_start: f64,
+    /// Newest NVML timestamp seen, so the next query only returns newer samples.
+    last_sample_us: u64,
+}
+
+/// The steering state carried from one window to the next.
+#[derive(Default)]
+pub struct SteeringLoop {
+    gpus: HashMap<u32, GpuSteering>,
+    counters: HashMap<(PathBuf, usize), Counters>,
+    files: HashMap<PathBuf, UsageFile>,
+    utilisation_warned: bool,
+}
+
+impl SteeringLoop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One round at `now_seconds` (any monotonic clock, seconds): measures every GPU's tenants
+    /// since the previous round and writes their new refill rates.
+    pub fn step(
+        &mut self,
+        now_seconds: f64,
+        by_gpu: &BTreeMap<u32, Vec<Tenant>>,
+        source: &mut dyn UtilisationSource,
+    ) {
+        self.files
+            .retain(|path, _| by_gpu.values().flatten().any(|t| &t.usage_path == path));
+        self.gpus.retain(|index, _| by_gpu.contains_key(index));
+        for (&index, tenants) in by_gpu {
+            self.step_gpu(now_seconds, index, tenants, source);
+        }
+        let files = &self.files;
+        self.counters
+            .retain(|(path, _), _| files.contains_key(path));
+    }
+
+    fn step_gpu(
+        &mut self,
+        now_seconds: f64,
+        index: u32,
+        tenants: &[Tenant],
+        source: &mut dyn UtilisationSource,
+    ) {
+        let mut attached = Vec::new();
+        for tenant in tenants {
+            if !self.files.contains_key(&tenant.usage_path) {
+                match UsageFile::attach(&tenant.usage_path) {
+                    Ok(file) => {
+                        self.files.insert(tenant.usage_path.clone(), file);
+                    }
+                    // No process of the container has started CUDA yet.
+                    Err(_) => continue,
+                }
+            }
+            attached.push(tenant);
+        }
+        let keys: Vec<(PathBuf, usize)> = attached
+            .iter()
+            .map(|tenant| (tenant.usage_path.clone(), tenant.ordinal))
+            .collect();
+        let gpu = self.gpus.entry(index).or_insert_with(|| GpuSteering {
+            tenants: Vec::new(),
+            rule: Steering::new(0),
+            measured: Vec::new(),
+            window_start: now_seconds,
+            last_sample_us: 0,
+        });
+        let changed =
+            gpu.tenants != keys || keys.iter().any(|key| !self.counters.contains_key(key));
+        if changed {
+            // A tenant came or went: the rule's estimates are per position, so start over, and
+            // every tenant's window starts now.
+            gpu.tenants = keys.clone();
+            gpu.rule = Steering::new(keys.len());
+            gpu.measured = vec![false; keys.len()];
+            gpu.window_start = now_seconds;
+            for (key, tenant) in keys.into_iter().zip(&attached) {
+                let stats = self.files[&tenant.usage_path].launch_stats(tenant.ordinal);
+                self.counters.insert(
+                    key,
+                    Counters {
+                        launched_units: stats.launched_units,
+                        throttled_launches: stats.throttled_launches,
+                    },
+                );
+            }
+            return;
+        }
+        if attached.is_empty() {
+            return;
+        }
+        let window_seconds = now_seconds - gpu.window_start;
+        if window_seconds <= 0.0 {
+            return;
+        }
+
+        let samples = match source.samples(index, gpu.last_sample_us) {
+            Ok(samples) => samples,
+            Err(error) => {
+                if !self.utilisation_warned {
+                    tracing::warn!(gpu = index, %error, "No per-process utilisation; steering is off");
+                    self.utilisation_warned = true;
+                }
+                return;
+            }
+        };
+        // Each process's mean over the samples it got since the last query.
+        let mut sums: Vec<(ProcessIdentity, u64, u64)> = Vec::new();
+        for sample in &samples {
+            gpu.last_sample_us = gpu.last_sample_us.max(sample.timestamp_us);
+            match sums
+                .iter_mut()
+                .find(|(process, _, _)| *process == sample.process)
+            {
+                Some((_, total, count)) => {
+                    *total += u64::from(sample.sm_percent);
+                    *count += 1;
+                }
+                None => sums.push((sample.process, u64::from(sample.sm_percent), 1)),
+            }
+        }
+
+        let mut windows = Vec::with_capacity(attached.len());
+        let mut rates = Vec::with_capacity(attached.len());
+        let mut now_counters = Vec::with_capacity(attached.len());
+        let mut attributed = vec![false; sums.len()];
+        for (key, tenant) in keys.iter().zip(&attached) {
+            let file = &self.files[&tenant.usage_path];
+            let stats = file.launch_stats(tenant.ordinal);
+            let before = self.counters[key];
+            let processes = std::fs::read(&tenant.usage_path)
+                .map(|bytes| slot_processes(&bytes))
+                .unwrap_or_default();
+            let mut busy_percent = 0;
+            for (index, (sampled, total, count)) in sums.iter().enumerate() {
+                if processes.iter().any(|process| process.matches(sampled)) {
+                    busy_percent += total / count;
+                    attributed[index] = true;
+                }
+            }
+            windows.push(TenantWindow {
+                request_share: tenant.request_share,
+                limit_share: tenant.limit_share,
+                busy_share: (busy_percent as f64 / 100.0).min(1.0),
+                launched_units: stats.launched_units.saturating_sub(before.launched_units),
+                throttled: stats.throttled_launches > before.throttled_launches,
+            });
+            rates.push(file.refill_rate(tenant.ordinal));
+            now_counters.push(Counters {
+                launched_units: stats.launched_units,
+                throttled_launches: stats.throttled_launches,
+            });
+        }
+        // GPU time of processes that are no tenant's (other workloads, or pids not mapped).
+        let unattributed_share = sums
+            .iter()
+            .zip(&attributed)
+            .filter(|(_, attributed)| !**attributed)
+            .map(|((_, total, count), _)| (total / count) as f64 / 100.0)
+            .sum::<f64>();
+        if samples.is_empty() && windows.iter().any(|window| window.launched_units > 0) {
+            // NVML has not sampled this span yet: measure it together with the next one.
+            return;
+        }
+
+        let mut new_rates = gpu.rule.update(&windows, &rates, window_seconds);
+        for (index, window) in windows.iter().enumerate() {
+            if window.busy_share > 0.0 && window.launched_units > 0 {
+                gpu.measured[index] = true;
+            } else if !gpu.measured[index]
+                && window.throttled
+                && unattributed_share < window.limit_share
+            {
+                // Bounded: were the unattributed time all this tenant's, it stays under its limit.
+                new_rates[index] = rates[index] * UNMEASURED_RAMP;
+            }
+        }
+        for ((tenant, rate), (key, counters)) in attached
+            .iter()
+            .zip(new_rates)
+            .zip(keys.into_iter().zip(now_counters))
+        {
+            if rate.is_finite() && rate > 0.0 {
+                self.files[&tenant.usage_path].set_refill_rate(tenant.ordinal, rate);
+            }
+            self.counters.insert(key, counters);
+        }
+        gpu.window_start = now_seconds;
+    }
+}
+
 /// Runs the loop until the process stops.
 pub async fn run(agent: Arc<Agent>, nvml: Nvml) {
     let window = Duration::from_secs_f64(agent.config.steering_window_seconds);
     let mut interval = tokio::time::interval(window);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut steering: HashMap<u32, (Vec<PathBuf>, Steering)> = HashMap::new();
-    let mut previous: HashMap<(PathBuf, usize), Previous> = HashMap::new();
-    let mut files: HashMap<PathBuf, UsageFile> = HashMap::new();
-    let mut utilisation_warned = false;
+    let started = tokio::time::Instant::now();
+    let mut steering = SteeringLoop::new();
+    let mut source = NvmlUtilisation(&nvml);
     loop {
         interval.tick().await;
-        let by_gpu = tenants(&agent).await;
-        files.retain(|path, _| path.exists());
-        for (index, tenants) in by_gpu {
-            let samples = match nvml.process_utilisation(index, 0) {
-                Ok(samples) => samples,
-                Err(error) => {
-                    if !utilisation_warned {
-                        tracing::warn!(%error, "No per-process utilisation; steering is off");
-                        utilisation_warned = true;
-                    }
-                    continue;
-                }
-            };
-            let busy_by_pid: HashMap<u32, f64> = samples
-                .iter()
-                .map(|sample| {
-                    let pid = namespace_pid(sample.pid).unwrap_or(sample.pid);
-                    (pid, f64::from(sample.sm_percent) / 100.0)
-                })
-                .collect();
-            let mut windows = Vec::new();
-            let mut rates = Vec::new();
-            let mut attached = Vec::new();
-            for tenant in &tenants {
-                if !files.contains_key(&tenant.usage_path) {
-                    match UsageFile::attach(&tenant.usage_path) {
-                        Ok(file) => {
-                            files.insert(tenant.usage_path.clone(), file);
-                        }
-                        // No process of the container has started CUDA yet.
-                        Err(_) => continue,
-                    }
-                }
-                let Some(file) = files.get(&tenant.usage_path) else {
-                    continue;
-                };
-                let stats = file.launch_stats(tenant.ordinal);
-                let key = (tenant.usage_path.clone(), tenant.ordinal);
-                let before = previous.insert(
-                    key,
-                    Previous {
-                        launched_units: stats.launched_units,
-                        throttled_launches: stats.throttled_launches,
-                    },
-                );
-                let before = before.unwrap_or(Previous {
-                    launched_units: stats.launched_units,
-                    throttled_launches: stats.throttled_launches,
-                });
-                let pids = std::fs::read(&tenant.usage_path)
-                    .map(|bytes| slot_pids(&bytes))
-                    .unwrap_or_default();
-                let busy_share: f64 = pids
-                    .iter()
-                    .filter_map(|pid| busy_by_pid.get(pid))
-                    .sum::<f64>()
-                    .min(1.0);
-                windows.push(TenantWindow {
-                    request_share: tenant.request_share,
-                    limit_share: tenant.limit_share,
-                    busy_share,
-                    launched_units: stats.launched_units.saturating_sub(before.launched_units),
-                    throttled: stats.throttled_launches > before.throttled_launches,
-                });
-                rates.push(file.refill_rate(tenant.ordinal));
-                attached.push(tenant);
-            }
-            if windows.is_empty() {
-                continue;
-            }
-            let paths: Vec<PathBuf> = attached.iter().map(|t| t.usage_path.clone()).collect();
-            let entry = steering
-                .entry(index)
-                .or_insert_with(|| (paths.clone(), Steering::new(paths.len())));
-            if entry.0 != paths {
-                *entry = (paths.clone(), Steering::new(paths.len()));
-            }
-            let new_rates = entry.1.update(&windows, &rates, window.as_secs_f64());
-            for (tenant, rate) in attached.iter().zip(new_rates) {
-                if let Some(file) = files.get(&tenant.usage_path)
-                    && rate.is_finite()
-                    && rate > 0.0
-                {
-                    file.set_refill_rate(tenant.ordinal, rate);
-                }
-            }
-        }
-        previous.retain(|(path, _), _| files.contains_key(path));
+        let by_gpu = {
+            let state = agent.state.lock().await;
+            tenants(&agent.config.host_root, &state)
+        };
+        steering.step(started.elapsed().as_secs_f64(), &by_gpu, &mut source);
     }
 }
 
@@ -226,25 +427,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slot_pids_reads_the_documented_layout() {
+    fn slot_processes_reads_the_documented_layout() {
         let mut bytes = vec![0u8; 21_568];
-        let put = |bytes: &mut Vec<u8>, slot: usize, pid: u64| {
+        let put = |bytes: &mut Vec<u8>, slot: usize, pid: u64, start_time: u64| {
             let at = SLOTS_AT_BYTES + slot * SLOT_BYTES;
             bytes[at..at + 8].copy_from_slice(&pid.to_le_bytes());
+            bytes[at + 8..at + 16].copy_from_slice(&start_time.to_le_bytes());
         };
-        put(&mut bytes, 0, 41);
-        put(&mut bytes, 127, 977);
-        assert_eq!(slot_pids(&bytes), [41, 977]);
+        put(&mut bytes, 0, 41, 7_000);
+        put(&mut bytes, 127, 977, 0);
+        assert_eq!(
+            slot_processes(&bytes),
+            [
+                ProcessIdentity {
+                    pid: 41,
+                    start_time: 7_000
+                },
+                ProcessIdentity {
+                    pid: 977,
+                    start_time: 0
+                }
+            ]
+        );
     }
 
     #[test]
-    fn slot_pids_matches_a_real_usage_file() {
+    fn a_real_usage_file_names_this_process_as_proc_does() {
         use tensor_fusion_interposer_core::shm::{DeviceSettings, MemoryKind};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("main.shm");
         let file = UsageFile::open(&path, &[DeviceSettings::default()]).unwrap();
         file.reserve(0, 1024, MemoryKind::Device).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!(slot_pids(&bytes), [std::process::id()]);
+        let from_slots = slot_processes(&bytes);
+        let from_proc = host_process_identity(std::process::id());
+        assert_eq!(from_slots, [from_proc]);
+        assert_eq!(from_proc.pid, std::process::id());
+        assert_ne!(from_proc.start_time, 0);
+    }
+
+    #[test]
+    fn the_same_pid_in_two_containers_is_told_apart_by_start_time() {
+        let first = ProcessIdentity {
+            pid: 1,
+            start_time: 500,
+        };
+        let second = ProcessIdentity {
+            pid: 1,
+            start_time: 900,
+        };
+        assert!(!first.matches(&second));
+        assert!(first.matches(&ProcessIdentity {
+            pid: 1,
+            start_time: 0
+        }));
     }
 }
