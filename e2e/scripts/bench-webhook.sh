@@ -4,6 +4,9 @@
 #
 #   e2e/scripts/bench-webhook.sh [SECONDS]
 #
+# TF_BENCH_ONLY=lease runs only the Lease row; TF_BENCH_REPEATS (default 3) sets how many
+# fixed-rate runs each row makes.
+#
 # Non-canary and "canary, in-process slots" run against the `bench_server` example (the real
 # admission path and TLS stack, slots kept in memory). "canary, Lease slots" runs the real
 # binary against a local cluster of its own, where every review past the quota lists the
@@ -57,44 +60,83 @@ wait_port() {
   die "nothing listens on port $1"
 }
 
-# run NAME URL BODY: one throughput run (64 connections) and one fixed-rate run (2,000/s).
+# Server and load generator run at a raised priority when this is root, so other work on the
+# machine (builds, other clusters) does not take their cores; TF_BENCH_NICE= turns that off.
+NICE=()
+if [ "$(id -u)" = 0 ] && [ -n "${TF_BENCH_NICE--10}" ]; then NICE=(nice -n "${TF_BENCH_NICE--10}"); fi
+REPEATS=${TF_BENCH_REPEATS:-3}
+
+# run NAME URL BODY: one throughput run (64 connections), then REPEATS fixed-rate runs
+# (2,000/s); the row gives the median run's p50/p99 and every run's p99.
 run() {
   local name=$1 url=$2 body=$3
   local common=(--no-tui --output-format json --insecure -m POST -T application/json -D "$body"
     -z "${SECONDS_PER_RUN}s")
-  "$OHA" "${common[@]}" -c 64 "$url" >"$WORK/throughput.json"
-  "$OHA" "${common[@]}" -c 64 -q 2000 --latency-correction "$url" >"$WORK/rate.json"
-  python3 - "$name" "$WORK/throughput.json" "$WORK/rate.json" <<'PY'
+  "${NICE[@]}" "$OHA" "${common[@]}" -c 64 "$url" >"$WORK/throughput.json"
+  local rates=()
+  for i in $(seq "$REPEATS"); do
+    "${NICE[@]}" "$OHA" "${common[@]}" -c 64 -q 2000 --latency-correction "$url" >"$WORK/rate-$i.json"
+    rates+=("$WORK/rate-$i.json")
+  done
+  python3 - "$name" "$WORK/throughput.json" "${rates[@]}" <<'PY'
 import json, sys
-name, throughput, rate = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+name, throughput = sys.argv[1], json.load(open(sys.argv[2]))
+rates = sorted((json.load(open(path)) for path in sys.argv[3:]),
+               key=lambda run: run["latencyPercentiles"]["p99"])
 def ok(run):
     codes = run.get("statusCodeDistribution", {})
     return sum(v for k, v in codes.items() if k == "200"), sum(codes.values())
 t_ok, t_all = ok(throughput)
-r_ok, r_all = ok(rate)
-p = rate["latencyPercentiles"]
+median = rates[len(rates) // 2]
+r_ok = sum(ok(run)[0] for run in rates)
+r_all = sum(ok(run)[1] for run in rates)
+p = median["latencyPercentiles"]
+each = ", ".join(f"{run['latencyPercentiles']['p99']*1000:.2f}" for run in rates)
 print(f"| {name} | {throughput['summary']['requestsPerSec']:,.0f} | {t_ok}/{t_all} | "
-      f"{rate['summary']['requestsPerSec']:,.0f} | {p['p50']*1000:.2f} ms | {p['p99']*1000:.2f} ms | {r_ok}/{r_all} |")
+      f"{median['summary']['requestsPerSec']:,.0f} | {p['p50']*1000:.2f} ms | {p['p99']*1000:.2f} ms "
+      f"({each}) | {r_ok}/{r_all} |")
 PY
 }
 
 echo
-echo "| reviews | throughput at c=64 (reviews/s) | 200s | fixed-rate achieved (reviews/s) | p50 at 2,000/s | p99 at 2,000/s | 200s |"
+echo "| reviews | throughput at c=64 (reviews/s) | 200s | fixed-rate achieved (reviews/s) | p50 at 2,000/s | p99 at 2,000/s, median of $REPEATS (each) | 200s |"
 echo "|---|---|---|---|---|---|---|"
 
-"$TARGET_DIR/release/examples/bench_server" 127.0.0.1:18443 "$WORK" 2>/dev/null &
-PIDS+=($!)
-wait_port 18443
-run "non-canary (shared, no enabled-replicas)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/plain.json"
-run "canary, in-process slots (quota full: native)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/canary.json"
+if [ "${TF_BENCH_ONLY:-}" != lease ]; then
+  "${NICE[@]}" "$TARGET_DIR/release/examples/bench_server" 127.0.0.1:18443 "$WORK" 2>/dev/null &
+  PIDS+=($!)
+  wait_port 18443
+  run "non-canary (shared, no enabled-replicas)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/plain.json"
+  run "canary, in-process slots (quota full: native)" https://127.0.0.1:18443/mutate-v1-pod "$WORK/canary.json"
+fi
 
 "$E2E_DIR/scripts/cluster.sh" up >/dev/null 2>&1
 export KUBECONFIG=$TF_E2E_STATE/kubeconfig
 kubectl create namespace ml >/dev/null
-"$TARGET_DIR/release/tensor-fusion-webhook" --listen 127.0.0.1:18444 --ops-listen 127.0.0.1:18091 \
+# The reviews' owner must exist, or the garbage collector deletes every slot Lease at once
+# (their owner reference points at it) and the run measures slot churn instead.
+kubectl apply -f - >/dev/null <<'YAML'
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {name: inference-6d9f7c8b5d, namespace: ml}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: inference}}
+  template:
+    metadata: {labels: {app: inference}}
+    spec: {containers: [{name: python, image: python}]}
+YAML
+owner_uid=$(kubectl get replicaset -n ml inference-6d9f7c8b5d -o jsonpath='{.metadata.uid}')
+python3 - "$WORK/canary.json" "$owner_uid" "$WORK/canary-lease.json" <<'PY'
+import json, sys
+review = json.load(open(sys.argv[1]))
+review["request"]["object"]["metadata"]["ownerReferences"][0]["uid"] = sys.argv[2]
+json.dump(review, open(sys.argv[3], "w"))
+PY
+"${NICE[@]}" "$TARGET_DIR/release/tensor-fusion-webhook" --listen 127.0.0.1:18444 --ops-listen 127.0.0.1:18091 \
   --tls-cert "$WORK/tls.crt" --tls-key "$WORK/tls.key" --claim-grace-seconds 3600 \
   2>"$WORK/webhook.log" &
 PIDS+=($!)
 wait_port 18444
 run "canary, Lease slots on the local API server (quota full: native)" \
-  https://127.0.0.1:18444/mutate-v1-pod "$WORK/canary.json"
+  https://127.0.0.1:18444/mutate-v1-pod "$WORK/canary-lease.json"

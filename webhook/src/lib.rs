@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod canary;
+pub mod fresh;
 pub mod inject;
 pub mod keys;
 pub mod native;

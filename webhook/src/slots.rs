@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::canary::{SlotError, SlotOutcome, SlotStore};
+use crate::fresh::{FreshRead, PerKey};
 use crate::keys;
 
 /// How long a claim that no pod carries yet still holds its slot.
@@ -178,7 +179,10 @@ pub struct LeaseSlots {
     grace: Duration,
     /// Serializes claims for one owner inside this replica, so local requests do not race each
     /// other for the same Lease; other replicas are kept apart by the API server.
-    owner_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    owner_locks: PerKey<tokio::sync::Mutex<()>>,
+    /// Fresh LISTs of each owner's Leases and shared pods, shared by concurrent reviews.
+    lease_reads: PerKey<FreshRead<HashMap<String, Lease>>>,
+    pod_reads: PerKey<FreshRead<HashMap<String, bool>>>,
 }
 
 impl LeaseSlots {
@@ -187,19 +191,54 @@ impl LeaseSlots {
             client,
             claims,
             grace,
-            owner_locks: Mutex::default(),
+            owner_locks: PerKey::default(),
+            lease_reads: PerKey::default(),
+            pod_reads: PerKey::default(),
         }
     }
 
-    fn owner_lock(&self, owner_uid: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .owner_locks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if locks.len() > 4096 {
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        }
-        locks.entry(owner_uid.to_owned()).or_default().clone()
+    /// The owner's Leases, from a LIST issued after this call (shared with concurrent callers).
+    async fn fresh_leases(
+        &self,
+        namespace: &str,
+        selector: &str,
+        owner_uid: &str,
+    ) -> Result<Arc<HashMap<String, Lease>>, kube::Error> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let params = ListParams::default().labels(selector);
+        self.lease_reads
+            .get(owner_uid)
+            .read(|| async move {
+                let listed = api.list(&params).await?;
+                Ok(listed
+                    .items
+                    .into_iter()
+                    .filter_map(|lease| Some((lease.metadata.name.clone()?, lease)))
+                    .collect())
+            })
+            .await
+    }
+
+    /// Claim id -> live, for the owner's shared pods, from a LIST issued after this call.
+    async fn fresh_pods(
+        &self,
+        namespace: &str,
+        selector: &str,
+        owner_uid: &str,
+    ) -> Result<Arc<HashMap<String, bool>>, kube::Error> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let params = ListParams::default().labels(selector);
+        self.pod_reads
+            .get(owner_uid)
+            .read(|| async move {
+                let listed = api.list(&params).await?;
+                Ok(listed
+                    .items
+                    .iter()
+                    .filter_map(|pod| Some((claim_of(pod)?.to_owned(), pod_is_live(pod))))
+                    .collect())
+            })
+            .await
     }
 
     fn state_of(&self, lease: &Lease, live_pods: Option<&HashMap<String, bool>>) -> SlotState {
@@ -291,7 +330,7 @@ impl SlotStore for LeaseSlots {
         if dry_run || matches!(outcome, SlotOutcome::Full { .. }) {
             return Ok(outcome);
         }
-        let lock = self.owner_lock(&owner.uid);
+        let lock = self.owner_locks.get(&owner.uid);
         let _guard = lock.lock().await;
         self.look(namespace, owner, limit, true).await
     }
@@ -309,37 +348,27 @@ impl LeaseSlots {
     ) -> Result<SlotOutcome, SlotError> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
         let selector = format!("{}={}", keys::CANARY_OWNER_LABEL, owner.uid);
-        let mut leases: HashMap<String, Lease> = api
-            .list(&ListParams::default().labels(&selector))
+        let mut leases: HashMap<String, Lease> = self
+            .fresh_leases(namespace, &selector, &owner.uid)
             .await?
-            .items
-            .into_iter()
-            .filter_map(|lease| Some((lease.metadata.name.clone()?, lease)))
-            .collect();
+            .as_ref()
+            .clone();
 
         let claim_id = new_claim_id();
         let start = rand::random_range(0..limit);
         let order: Vec<u32> = (0..limit).map(|i| (start + i) % limit).collect();
-        let mut live_pods: Option<HashMap<String, bool>> = None;
+        let mut live_pods: Option<Arc<HashMap<String, bool>>> = None;
         // Two passes: the first trusts the watch cache; if every slot looks held, the second
         // lists the owner's pods afresh, so a pod deleted a moment ago frees its slot at once.
         for pass in 0..2 {
             if pass == 1 {
-                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-                let listed = pods.list(&ListParams::default().labels(&selector)).await?;
-                live_pods = Some(
-                    listed
-                        .items
-                        .iter()
-                        .filter_map(|pod| Some((claim_of(pod)?.to_owned(), pod_is_live(pod))))
-                        .collect(),
-                );
+                live_pods = Some(self.fresh_pods(namespace, &selector, &owner.uid).await?);
             }
             for &slot in &order {
                 let name = lease_name(&owner.uid, slot);
                 let existing = leases.get(&name);
                 let state = existing.map_or(SlotState::Empty, |lease| {
-                    self.state_of(lease, live_pods.as_ref())
+                    self.state_of(lease, live_pods.as_deref())
                 });
                 if !matches!(state, SlotState::Empty | SlotState::Stale) {
                     continue;
@@ -367,7 +396,7 @@ impl LeaseSlots {
                 leases
                     .get(&lease_name(&owner.uid, slot))
                     .is_some_and(|lease| {
-                        self.state_of(lease, live_pods.as_ref()) != SlotState::Stale
+                        self.state_of(lease, live_pods.as_deref()) != SlotState::Stale
                     })
             })
             .count();
