@@ -353,6 +353,16 @@ async fn shared_pods_get_gpus_within_capacity_and_a_misfit_gets_an_event() -> an
         )),
         "{metrics}"
     );
+    // Every worker of the node has its grant series; the deleted pod has none left.
+    for worker in allocation["workers"].as_array().into_iter().flatten() {
+        let line = format!(
+            "tensor_fusion_agent_worker_vram_granted_bytes{{namespace=\"{ns}\",pod=\"{}\",container=\"python\"}} {}\n",
+            worker["spec"]["name"].as_str().unwrap_or_default(),
+            10 * GIB
+        );
+        assert!(metrics.contains(&line), "{line} missing in {metrics}");
+    }
+    assert!(!metrics.contains(&format!("pod=\"{victim}\"")), "{metrics}");
 
     deployments.delete("big", &DeleteParams::default()).await?;
     drop(agents);
@@ -413,6 +423,21 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
     .await?;
     let pods = scheduled_pods(&cluster, ns, "burst").await?;
     eprintln!("{assigned_at_kill} pods were assigned on gpu-node-1 when its agent was killed");
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let hosts_shared = |node: Node| {
+        node.metadata
+            .labels
+            .unwrap_or_default()
+            .get("tensor-fusion.ai/hosts-shared-workers")
+            .cloned()
+    };
+    for node in NODES {
+        assert_eq!(
+            hosts_shared(nodes.get(node).await?).as_deref(),
+            Some("true"),
+            "{node} hosts shared workers"
+        );
+    }
 
     // No GPU over-committed: at most 16 GiB of requests on each.
     let sums = vram_by_gpu(&pods);
@@ -504,6 +529,13 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
         )
         .await?;
         assert_eq!(std::fs::read_dir(agent.host_root.join("pods"))?.count(), 0);
+        // The last worker left: native GPU pods may use the node again.
+        wait_for(
+            "the hosts-shared-workers label to go",
+            Duration::from_secs(30),
+            || async { Ok(hosts_shared(nodes.get(&agent.node).await?).is_none()) },
+        )
+        .await?;
     }
     drop(agents);
     restore.restore().await;

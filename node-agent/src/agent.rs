@@ -71,6 +71,9 @@ pub struct AgentState {
     pub synced: bool,
     pub allocations_total: u64,
     pub allocation_failures_total: u64,
+    /// The `hosts-shared-workers` label as last written on the node (`None`: not yet, or the
+    /// write failed).
+    pub published_hosts_shared: Option<bool>,
 }
 
 /// The agent: configuration, client and state.
@@ -245,6 +248,8 @@ impl Agent {
             }
             state.pending.remove(&uid);
             state.workers.insert(uid, WorkerRecord { spec, assignment });
+            drop(state);
+            self.sync_shared_label().await;
             return;
         }
         self.allocate(pod).await;
@@ -304,11 +309,8 @@ impl Agent {
                     state.allocations_total += 1;
                     state.pending.remove(&uid);
                     state.workers.insert(uid, WorkerRecord { spec, assignment });
-                    let first_worker = state.workers.len() == 1;
                     drop(state);
-                    if first_worker {
-                        self.publish_node_status().await;
-                    }
+                    self.sync_shared_label().await;
                     return;
                 }
                 Err(error) => {
@@ -406,6 +408,7 @@ impl Agent {
         if let Some(grant) = released {
             info!(pod = %key, gpus = %grant.gpu_uuids.join(","), why, "Released GPU share");
             self.retry_pending().await;
+            self.sync_shared_label().await;
         }
     }
 
@@ -434,6 +437,18 @@ impl Agent {
                     warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
                 }
             }
+        }
+    }
+
+    /// Rewrites the node's labels when whether it hosts shared workers changed (first worker
+    /// arrived, last one left), so native GPU pods are kept off exactly while shared ones run.
+    async fn sync_shared_label(&self) {
+        let stale = {
+            let state = self.state.lock().await;
+            state.published_hosts_shared != Some(!state.workers.is_empty())
+        };
+        if stale {
+            self.publish_node_status().await;
         }
     }
 
@@ -480,7 +495,7 @@ impl Agent {
             COUNT_LABEL: count.to_string(),
             SHARED_LABEL: hosts_shared.then_some("true"),
         }}});
-        if let Err(error) = nodes
+        let written = match nodes
             .patch(
                 &self.config.node_name,
                 &PatchParams::default(),
@@ -488,8 +503,13 @@ impl Agent {
             )
             .await
         {
-            warn!(node = %self.config.node_name, %error, "Failed to update node labels");
-        }
+            Ok(_) => Some(hosts_shared),
+            Err(error) => {
+                warn!(node = %self.config.node_name, %error, "Failed to update node labels");
+                None
+            }
+        };
+        self.state.lock().await.published_hosts_shared = written;
     }
 
     /// Polls the device plugin's native GPUs and applies changes while the agent runs.

@@ -148,3 +148,52 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn flags_override_the_configuration_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.json");
+        std::fs::write(
+            &path,
+            r#"{"nodeName": "from-file", "tflopsOversellRatio": 300, "maxWorkerPerNode": 64,
+                "vramExpandToHostMem": 40, "listen": "127.0.0.1:9400"}"#,
+        )
+        .unwrap();
+        let options = Options::try_parse_from([
+            "tensor-fusion-node-agent",
+            "--config",
+            path.to_str().unwrap(),
+            "--node-name",
+            "gpu-node-7",
+            "--tflops-oversell-ratio",
+            "200",
+        ])
+        .unwrap();
+        let config = options.config().unwrap();
+        assert_eq!(config.node_name, "gpu-node-7");
+        assert_eq!(config.tflops_oversell_ratio, 200.0);
+        // Keys no flag names keep the file's values.
+        assert_eq!(config.max_worker_per_node, 64);
+        assert_eq!(config.vram_expand_to_host_mem, 40.0);
+        assert_eq!(config.listen, "127.0.0.1:9400".parse().unwrap());
+
+        let invalid = Options::try_parse_from([
+            "tensor-fusion-node-agent",
+            "--config",
+            path.to_str().unwrap(),
+            "--tflops-oversell-ratio",
+            "50",
+        ])
+        .unwrap();
+        assert_eq!(
+            invalid.config().unwrap_err().to_string(),
+            "invalid configuration: tflopsOversellRatio 50 is below 100 (percent of physical TFLOPS)"
+        );
+    }
+}
