@@ -4,7 +4,8 @@ use tensor_fusion_webhook::{Options, run, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = Options::parse();
-    telemetry::init_logging();
+    // Flushes buffered log lines when `main` returns.
+    let _log_flush = telemetry::init_logging();
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;

@@ -9,18 +9,28 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global log subscriber. Safe to call more than once (later calls do nothing).
-pub fn init_logging() {
+/// Installs the global log subscriber and returns the guard that flushes its writer; keep it
+/// until the process ends. Safe to call more than once (later calls install nothing).
+///
+/// Lines go to stderr from a background thread: an admission never waits for a slow log pipe
+/// (a container runtime that reads stderr late, a full disk). If more than 128,000 lines wait,
+/// newer ones are dropped rather than blocking admissions.
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("tf-log-writer")
+        .finish(std::io::stderr());
     let filter = EnvFilter::try_from_env("TF_LOG_LEVEL").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("TF_LOG_FORMAT").is_ok_and(|format| format == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = if json {
         builder.json().flatten_event(true).try_init()
     } else {
         builder.try_init()
     };
+    guard
 }
 
 /// The process-wide metrics recorder, installed on first use.
