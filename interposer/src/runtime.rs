@@ -18,11 +18,6 @@ use crate::cuda::{
 };
 use crate::log::log;
 
-/// Initial launch tokens per second per TFLOPS of limit when neither the limits file nor the
-/// node agent gave a refill rate. A rough figure (threads per second a GPU runs per TFLOPS of
-/// dense math); the agent's steering replaces it.
-pub const DEFAULT_TOKENS_PER_TFLOPS_SECOND: f64 = 1.0e6;
-
 /// Burst size of the launch bucket when the limits file gives none: 100 ms of refill.
 pub const DEFAULT_BURST_NS: u64 = 100_000_000;
 
@@ -111,19 +106,10 @@ fn load_runtime() -> Result<Runtime, CUresult> {
         return Err(CUDA_ERROR_NOT_PERMITTED);
     }
 
-    let refill_rate = limits.refill_rate.unwrap_or_else(|| {
-        limits
-            .tflops_limit
-            .map_or(0.0, |tflops| tflops * DEFAULT_TOKENS_PER_TFLOPS_SECOND)
-    });
     let setting = DeviceSettings {
         vram_limit: limits.vram_limit.unwrap_or(u64::MAX),
         spill_quota: limits.spill_quota,
-        refill_rate: if limits.tflops_limit.is_some() || limits.refill_rate.is_some() {
-            refill_rate
-        } else {
-            0.0
-        },
+        refill_rate: limits.first_refill_rate(),
         burst_ns: limits
             .burst_seconds
             .map_or(DEFAULT_BURST_NS, |seconds| (seconds * 1e9) as u64),

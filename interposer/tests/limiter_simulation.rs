@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use tensor_fusion_interposer_core::limiter::{Steering, TenantWindow};
+use tensor_fusion_interposer_core::limiter::{Debt, Steering, TenantWindow};
 use tensor_fusion_interposer_core::shm::{DeviceSettings, UsageFile};
 use tensor_fusion_mock_gpu_sim::{SimGpu, kernel_duration_ns};
 
@@ -30,7 +30,8 @@ struct Tenant {
     usage: UsageFile,
     queued: VecDeque<u64>,
     next_ns: u64,
-    paid: bool,
+    /// The launch waiting for its bucket, as the interposer waits: in slices.
+    debt: Option<Debt>,
 }
 
 impl Tenant {
@@ -48,7 +49,7 @@ impl Tenant {
             usage,
             queued: VecDeque::new(),
             next_ns: 1_000,
-            paid: false,
+            debt: None,
         }
     }
 }
@@ -83,7 +84,8 @@ fn simulate(tenants: &mut [Tenant], duration: u64) -> Vec<f64> {
                         busy_share: gpu.busy_ns(index, window_start, window_end) as f64
                             / WINDOW as f64,
                         launched_units: stats.launched_units - before.launched_units,
-                        throttled: stats.throttled_launches > before.throttled_launches,
+                        throttled: stats.throttled_launches > before.throttled_launches
+                            || stats.throttled_ns > before.throttled_ns,
                     }
                 })
                 .collect();
@@ -107,18 +109,18 @@ fn simulate(tenants: &mut [Tenant], duration: u64) -> Vec<f64> {
             tenant.next_ns = *tenant.queued.front().expect("queue is full");
             continue;
         }
-        if !tenant.paid {
-            let wait = tenant
-                .usage
-                .bucket(0)
-                .acquire(tenant.threads_per_kernel, now);
-            if wait > 0 {
-                tenant.paid = true;
-                tenant.next_ns = now + wait;
-                continue;
-            }
+        let bucket = tenant.usage.bucket(0);
+        let debt = match tenant.debt.take() {
+            Some(debt) => Some(debt),
+            None => bucket.take(tenant.threads_per_kernel, now),
+        };
+        if let Some(mut debt) = debt
+            && let Some(sleep_ns) = bucket.next_sleep(&mut debt, now)
+        {
+            tenant.debt = Some(debt);
+            tenant.next_ns = now + sleep_ns;
+            continue;
         }
-        tenant.paid = false;
         let kernel_ns = kernel_duration_ns(tenant.threads_per_kernel, tenant.ns_per_kilothread);
         let done = gpu.submit(index, now, kernel_ns);
         tenant.queued.push_back(done);

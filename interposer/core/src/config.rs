@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::limiter::DEFAULT_TOKENS_PER_TFLOPS_SECOND;
+
 /// Environment variable naming the pod directory (set by the webhook).
 pub const ENV_POD_DIR: &str = "TF_POD_DIR";
 /// Environment variable naming the container (set by the webhook).
@@ -168,6 +170,18 @@ impl ContainerLimits {
         }
     }
 
+    /// The launch bucket's refill rate until the node agent steers it, in tokens per second:
+    /// the limits file's `refill_rate`, else the TFLOPS limit times
+    /// [`DEFAULT_TOKENS_PER_TFLOPS_SECOND`]; 0 (no compute limit) when neither is given.
+    pub fn first_refill_rate(&self) -> f64 {
+        self.refill_rate
+            .or_else(|| {
+                self.tflops_limit
+                    .map(|tflops| tflops * DEFAULT_TOKENS_PER_TFLOPS_SECOND)
+            })
+            .unwrap_or(0.0)
+    }
+
     /// Whether anything says what this container may use.
     pub fn is_limited(&self) -> bool {
         self.vram_limit.is_some() || self.tflops_limit.is_some()
@@ -303,6 +317,26 @@ mod tests {
             Some(dir.path().join("trainer.shm")),
             "usage file sits next to the limits file"
         );
+    }
+
+    #[test]
+    fn the_first_refill_rate_comes_from_the_file_else_from_the_tflops_limit() {
+        let from_limit = ContainerLimits {
+            tflops_limit: Some(296.7),
+            ..ContainerLimits::default()
+        };
+        // 30 % of an H100: 296.7 TFLOPS x 1e8 tokens per TFLOPS-second.
+        assert_eq!(from_limit.first_refill_rate(), 296.7 * 1e8);
+        let from_file = ContainerLimits {
+            refill_rate: Some(2.5e9),
+            ..from_limit
+        };
+        assert_eq!(from_file.first_refill_rate(), 2.5e9);
+        let memory_only = ContainerLimits {
+            vram_limit: Some(1 << 30),
+            ..ContainerLimits::default()
+        };
+        assert_eq!(memory_only.first_refill_rate(), 0.0, "no compute limit");
     }
 
     #[test]
