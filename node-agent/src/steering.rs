@@ -201,6 +201,7 @@ pub fn tenants(host_root: &Path, state: &AgentState) -> BTreeMap<u32, Vec<Tenant
 struct Counters {
     launched_units: u64,
     throttled_launches: u64,
+    throttled_ns: u64,
 }
 
 /// The loop's memory for one GPU.
@@ -296,6 +297,7 @@ impl SteeringLoop {
                     Counters {
                         launched_units: stats.launched_units,
                         throttled_launches: stats.throttled_launches,
+                        throttled_ns: stats.throttled_ns,
                     },
                 );
             }
@@ -358,12 +360,16 @@ impl SteeringLoop {
                 limit_share: tenant.limit_share,
                 busy_share: (busy_percent as f64 / 100.0).min(1.0),
                 launched_units: stats.launched_units.saturating_sub(before.launched_units),
-                throttled: stats.throttled_launches > before.throttled_launches,
+                // A launch that waits across windows is counted once, when it overdrew; the
+                // time it waits grows in every window it spends waiting.
+                throttled: stats.throttled_launches > before.throttled_launches
+                    || stats.throttled_ns > before.throttled_ns,
             });
             rates.push(file.refill_rate(tenant.ordinal));
             now_counters.push(Counters {
                 launched_units: stats.launched_units,
                 throttled_launches: stats.throttled_launches,
+                throttled_ns: stats.throttled_ns,
             });
         }
         // GPU time of processes that are no tenant's (other workloads, or pids not mapped).
