@@ -8,12 +8,18 @@
 //! For the node agent it also answers the model name (`TF_MOCK_GPU_NAME`, default
 //! `NVIDIA H100 80GB HBM3`) and per-process utilisation, read at each call from the file named by
 //! `TF_MOCK_NVML_UTILISATION` (lines `<gpu index> <pid> <sm percent>`; no file, no samples).
+//!
+//! The GPU list can change while a process runs: when `TF_MOCK_NVML_GPUS` names a file, each
+//! `nvmlInit` and device count re-reads it: `<count> [<vram bytes>]` lists GPUs `0..count` (at
+//! most 64), `fail` makes the device count fail with `NVML_ERROR_UNKNOWN`; no file or an
+//! unreadable one means the `TF_MOCK_*` values. Handles of GPUs no longer listed answer
+//! `NVML_ERROR_GPU_IS_LOST`, as NVML does for a GPU that fell off the bus.
 
 #![allow(non_snake_case, reason = "exported names are NVML's")]
 
 use std::ffi::{CStr, c_char, c_uint, c_void};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use tensor_fusion_mock_gpu_sim::{MockGpus, uuid_string};
 
@@ -24,6 +30,7 @@ const NVML_ERROR_UNINITIALIZED: NvmlReturn = 1;
 const NVML_ERROR_INVALID_ARGUMENT: NvmlReturn = 2;
 const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+const NVML_ERROR_GPU_IS_LOST: NvmlReturn = 15;
 const NVML_ERROR_UNKNOWN: NvmlReturn = 999;
 
 /// `nvmlMemory_v2` version word: struct size | 2 << 24.
@@ -53,9 +60,17 @@ pub struct Device {
     uuid: String,
 }
 
+/// Most GPUs a `TF_MOCK_NVML_GPUS` file may list (their handles exist from the start).
+const MAX_LISTED_GPUS: u32 = 64;
+
 struct Nvml {
     gpus: MockGpus,
+    /// A device for every index that may be listed; only the first `listed_count` are reported.
     devices: Vec<Device>,
+    listed_count: AtomicU32,
+    listed_vram_bytes: AtomicU64,
+    /// The `TF_MOCK_NVML_GPUS` file says `fail`.
+    failing: AtomicBool,
     initialised: AtomicBool,
 }
 
@@ -65,15 +80,50 @@ fn nvml() -> &'static Nvml {
         let gpus = MockGpus::from_env();
         Nvml {
             gpus,
-            devices: (0..gpus.gpu_count)
+            devices: (0..gpus.gpu_count.max(MAX_LISTED_GPUS))
                 .map(|index| Device {
                     index,
                     uuid: uuid_string(index),
                 })
                 .collect(),
+            listed_count: AtomicU32::new(gpus.gpu_count),
+            listed_vram_bytes: AtomicU64::new(gpus.vram_bytes),
+            failing: AtomicBool::new(false),
             initialised: AtomicBool::new(false),
         }
     })
+}
+
+impl Nvml {
+    /// Re-reads the `TF_MOCK_NVML_GPUS` file, if one is named.
+    fn reread_gpu_list(&self) {
+        let Some(path) = std::env::var_os("TF_MOCK_NVML_GPUS") else {
+            return;
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut fields = text.split_whitespace();
+        let (count, vram_bytes, failing) = match fields.next() {
+            Some("fail") => (self.gpus.gpu_count, self.gpus.vram_bytes, true),
+            Some(count) => (
+                count.parse().unwrap_or(self.gpus.gpu_count),
+                fields
+                    .next()
+                    .and_then(|bytes| bytes.parse().ok())
+                    .unwrap_or(self.gpus.vram_bytes),
+                false,
+            ),
+            None => (self.gpus.gpu_count, self.gpus.vram_bytes, false),
+        };
+        let count = count.min(self.devices.len() as u32);
+        self.listed_count.store(count, Ordering::Release);
+        self.listed_vram_bytes.store(vram_bytes, Ordering::Release);
+        self.failing.store(failing, Ordering::Release);
+    }
+
+    /// The devices reported now.
+    fn listed(&self) -> &[Device] {
+        &self.devices[..self.listed_count.load(Ordering::Acquire) as usize]
+    }
 }
 
 fn guarded(body: impl FnOnce() -> Result<(), NvmlReturn>) -> NvmlReturn {
@@ -107,6 +157,13 @@ fn device_of(handle: *mut c_void) -> Result<&'static Device, NvmlReturn> {
         .iter()
         .find(|device| std::ptr::eq(*device as *const Device, handle as *const Device))
         .ok_or(NVML_ERROR_INVALID_ARGUMENT)
+        .and_then(|device| {
+            if device.index < nvml.listed_count.load(Ordering::Acquire) {
+                Ok(device)
+            } else {
+                Err(NVML_ERROR_GPU_IS_LOST)
+            }
+        })
 }
 
 /// # Safety
@@ -114,7 +171,9 @@ fn device_of(handle: *mut c_void) -> Result<&'static Device, NvmlReturn> {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlInit_v2() -> NvmlReturn {
     guarded(|| {
-        nvml().initialised.store(true, Ordering::Release);
+        let nvml = nvml();
+        nvml.reread_gpu_list();
+        nvml.initialised.store(true, Ordering::Release);
         Ok(())
     })
 }
@@ -141,7 +200,14 @@ pub unsafe extern "C" fn nvmlShutdown() -> NvmlReturn {
 /// `count` must be null or point at a writable `unsigned int`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nvmlDeviceGetCount_v2(count: *mut c_uint) -> NvmlReturn {
-    guarded(|| write(count, ready()?.gpus.gpu_count))
+    guarded(|| {
+        let nvml = ready()?;
+        nvml.reread_gpu_list();
+        if nvml.failing.load(Ordering::Acquire) {
+            return Err(NVML_ERROR_UNKNOWN);
+        }
+        write(count, nvml.listed_count.load(Ordering::Acquire))
+    })
 }
 
 /// # Safety
@@ -161,7 +227,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByIndex_v2(
 ) -> NvmlReturn {
     guarded(|| {
         let device = ready()?
-            .devices
+            .listed()
             .get(index as usize)
             .ok_or(NVML_ERROR_INVALID_ARGUMENT)?;
         write(handle, device as *const Device as *mut c_void)
@@ -193,7 +259,7 @@ pub unsafe extern "C" fn nvmlDeviceGetHandleByUUID(
         // SAFETY: a non-null uuid is NUL-terminated per the contract.
         let wanted = unsafe { CStr::from_ptr(uuid) }.to_string_lossy();
         let device = ready()?
-            .devices
+            .listed()
             .iter()
             .find(|device| device.uuid == wanted)
             .ok_or(NVML_ERROR_NOT_FOUND)?;
@@ -243,7 +309,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo(
 ) -> NvmlReturn {
     guarded(|| {
         device_of(handle)?;
-        let total = nvml().gpus.vram_bytes;
+        let total = nvml().listed_vram_bytes.load(Ordering::Acquire);
         write(
             memory,
             Memory {
@@ -271,7 +337,7 @@ pub unsafe extern "C" fn nvmlDeviceGetMemoryInfo_v2(
         if unsafe { (*memory).version } != MEMORY_V2_VERSION {
             return Err(NVML_ERROR_INVALID_ARGUMENT);
         }
-        let total = nvml().gpus.vram_bytes;
+        let total = nvml().listed_vram_bytes.load(Ordering::Acquire);
         write(
             memory,
             MemoryV2 {
@@ -397,6 +463,7 @@ pub unsafe extern "C" fn nvmlErrorString(result: NvmlReturn) -> *const c_char {
         NVML_ERROR_INVALID_ARGUMENT => c"Invalid Argument",
         NVML_ERROR_NOT_FOUND => c"Not Found",
         NVML_ERROR_INSUFFICIENT_SIZE => c"Insufficient Size",
+        NVML_ERROR_GPU_IS_LOST => c"GPU is lost",
         _ => c"Unknown Error",
     };
     text.as_ptr()
