@@ -7,13 +7,15 @@
 //! carries the pod's `resourceVersion` (the commit point; a conflict re-reads the pod), then its
 //! limits files are written. A pod that ends or goes away gives its grant back and its
 //! directory is removed; pods that did not fit are retried whenever something is freed.
-//! A second task polls the device plugin's native GPUs and a third serves HTTP; both only lock
-//! the state briefly.
+//! A second task polls the device plugin's native GPUs, a third re-discovers the GPUs and host
+//! sizes every `resyncSeconds` (module `resync`) and writes the node's resources and labels
+//! again, and a fourth serves HTTP; they only lock the state briefly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -23,10 +25,11 @@ use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
 use crate::allocator::{AllocationError, Allocator, GpuCapacity};
-use crate::capacity::{HostSizes, advertised, gpu_capacities};
+use crate::capacity::{HostSizes, advertised};
 use crate::config::AgentConfig;
-use crate::discovery::DiscoveredGpu;
+use crate::discovery::{DiscoveredGpu, Nvml, NvmlError};
 use crate::native::{NativeOrigin, NativeSource};
+use crate::resync::{self, ResyncOutcome};
 use crate::tflops::model_label;
 use crate::worker::{
     ALLOCATION_FAILED, Assignment, WorkerSpec, has_ended, is_shared, remove_pod_dir,
@@ -74,6 +77,17 @@ pub struct AgentState {
     /// The `hosts-shared-workers` label as last written on the node (`None`: not yet, or the
     /// write failed).
     pub published_hosts_shared: Option<bool>,
+    /// Capacity of each discovered GPU, before native marks: what a rebuild starts from.
+    pub capacities: Vec<GpuCapacity>,
+    /// Physical TFLOPS per GPU UUID, for the limits files (vanished GPUs stay, for the workers
+    /// still on them).
+    pub gpu_tflops: BTreeMap<String, f64>,
+    /// Whether VRAM past the physical size may be backed by host memory or disk.
+    pub host_backed_vram: bool,
+    /// The host sizes the virtual capacities were computed from.
+    pub host: HostSizes,
+    /// Workers whose grant names a GPU the node no longer reports (already warned about).
+    pub stranded: BTreeSet<String>,
 }
 
 /// The agent: configuration, client and state.
@@ -82,11 +96,6 @@ pub struct Agent {
     client: Client,
     recorder: Recorder,
     pub state: Mutex<AgentState>,
-    /// Physical TFLOPS per GPU UUID, for the limits files.
-    gpu_tflops: BTreeMap<String, f64>,
-    /// Whether VRAM past the physical size may be backed by host memory or disk.
-    host_backed_vram: bool,
-    capacities: Vec<GpuCapacity>,
 }
 
 impl Agent {
@@ -96,14 +105,6 @@ impl Agent {
         gpus: Vec<DiscoveredGpu>,
         host: HostSizes,
     ) -> Arc<Self> {
-        let capacities = gpu_capacities(&gpus, &config, host);
-        let gpu_tflops = capacities
-            .iter()
-            .map(|gpu| (gpu.uuid.clone(), gpu.physical.tflops))
-            .collect();
-        let host_backed_vram = capacities
-            .iter()
-            .any(|gpu| gpu.virtual_.vram_bytes > gpu.physical.vram_bytes);
         let recorder = Recorder::new(
             client.clone(),
             Reporter {
@@ -111,19 +112,16 @@ impl Agent {
                 instance: Some(config.node_name.clone()),
             },
         );
-        let state = AgentState {
-            gpus,
-            allocator: Allocator::new(capacities.clone(), config.policy()),
+        let mut state = AgentState {
+            allocator: Allocator::new(Vec::new(), config.policy()),
             ..AgentState::default()
         };
+        resync::install(&mut state, gpus, host, &config);
         Arc::new(Self {
             config,
             client,
             recorder,
             state: Mutex::new(state),
-            gpu_tflops,
-            host_backed_vram,
-            capacities,
         })
     }
 
@@ -161,7 +159,7 @@ impl Agent {
     /// removes pod directories nothing owns any more.
     async fn rebuild(&self, pods: &[Pod]) {
         let mut state = self.state.lock().await;
-        let mut allocator = Allocator::new(self.capacities.clone(), self.config.policy());
+        let mut allocator = Allocator::new(state.capacities.clone(), self.config.policy());
         allocator.set_native(&state.native_gpus);
         let mut workers = BTreeMap::new();
         for pod in pods.iter().filter(|pod| is_shared(pod) && !has_ended(pod)) {
@@ -169,7 +167,7 @@ impl Agent {
                 continue;
             };
             allocator.restore(&spec.uid, assignment.grant.clone());
-            self.write_files(&spec, &assignment);
+            self.write_files(&state, &spec, &assignment);
             workers.insert(spec.uid.clone(), WorkerRecord { spec, assignment });
         }
         let restored = workers.len();
@@ -204,13 +202,13 @@ impl Agent {
         }
     }
 
-    fn write_files(&self, spec: &WorkerSpec, assignment: &Assignment) {
+    fn write_files(&self, state: &AgentState, spec: &WorkerSpec, assignment: &Assignment) {
         if let Err(error) = write_pod_files(
             &self.config.host_root,
             spec,
             &assignment.grant,
-            &self.gpu_tflops,
-            self.host_backed_vram,
+            &state.gpu_tflops,
+            state.host_backed_vram,
         ) {
             warn!(pod = %spec.key(), %error, "Failed to write the pod's limits files");
         }
@@ -244,7 +242,7 @@ impl Agent {
         if let Some((spec, assignment)) = self.recorded(&pod) {
             let mut state = self.state.lock().await;
             if state.allocator.restore(&uid, assignment.grant.clone()) {
-                self.write_files(&spec, &assignment);
+                self.write_files(&state, &spec, &assignment);
             }
             state.pending.remove(&uid);
             state.workers.insert(uid, WorkerRecord { spec, assignment });
@@ -297,7 +295,8 @@ impl Agent {
                 .await
             {
                 Ok(_) => {
-                    self.write_files(&spec, &assignment);
+                    let mut state = self.state.lock().await;
+                    self.write_files(&state, &spec, &assignment);
                     info!(
                         pod = %spec.key(),
                         gpus = %assignment.grant.gpu_uuids.join(","),
@@ -305,7 +304,6 @@ impl Agent {
                         vram_request = assignment.grant.request.vram_bytes,
                         "Assigned GPU share"
                     );
-                    let mut state = self.state.lock().await;
                     state.allocations_total += 1;
                     state.pending.remove(&uid);
                     state.workers.insert(uid, WorkerRecord { spec, assignment });
@@ -561,6 +559,117 @@ impl Agent {
             self.retry_pending().await;
         }
         changed
+    }
+
+    /// Every `period`: re-discovers the GPUs and host sizes, applies changes and writes the
+    /// node's resources and labels again (whether or not anything changed, so a node object
+    /// that was re-created or had its status reset is repaired).
+    pub async fn run_resync(self: Arc<Self>, nvml: Arc<Nvml>, period: std::time::Duration) {
+        let start = tokio::time::Instant::now() + period;
+        let mut interval = tokio::time::interval_at(start, period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let nvml = nvml.clone();
+            let state_dir = self.config.state_dir.clone();
+            let found =
+                tokio::task::spawn_blocking(move || (nvml.gpus(), HostSizes::read(&state_dir)))
+                    .await;
+            match found {
+                Ok((discovered, host)) => {
+                    self.resync(discovered, host).await;
+                }
+                Err(error) => warn!(%error, "GPU re-discovery did not finish"),
+            }
+        }
+    }
+
+    /// Applies one re-discovery (see module `resync`), reports it and republishes the node.
+    pub async fn resync(
+        &self,
+        discovered: Result<Vec<DiscoveredGpu>, NvmlError>,
+        host: HostSizes,
+    ) -> ResyncOutcome {
+        let (outcome, gpu_count) = {
+            let mut state = self.state.lock().await;
+            let outcome = resync::apply(&mut state, discovered, host, &self.config);
+            if outcome.rebuilt {
+                // TFLOPS per GPU or host-backed VRAM may have changed.
+                for record in state.workers.values() {
+                    self.write_files(&state, &record.spec, &record.assignment);
+                }
+            }
+            (outcome, state.gpus.len())
+        };
+        let node = &self.config.node_name;
+        if let Some(error) = &outcome.kept_last_known {
+            warn!(node = %node, %error, gpus = gpu_count, "GPU re-discovery failed; keeping the last known GPUs");
+        }
+        if !outcome.changes.is_empty() {
+            let resized: Vec<String> = outcome
+                .changes
+                .resized
+                .iter()
+                .map(|gpu| {
+                    format!(
+                        "{} {} -> {} bytes",
+                        gpu.uuid, gpu.old_vram_bytes, gpu.new_vram_bytes
+                    )
+                })
+                .collect();
+            info!(
+                node = %node,
+                added = ?outcome.changes.added,
+                removed = ?outcome.changes.removed,
+                resized = ?resized,
+                gpus = gpu_count,
+                "GPUs changed"
+            );
+        }
+        if let Some((before, after)) = outcome.host_changed {
+            info!(
+                node = %node,
+                memory_bytes = after.memory_bytes,
+                disk_bytes = after.disk_bytes,
+                previous_memory_bytes = before.memory_bytes,
+                previous_disk_bytes = before.disk_bytes,
+                "Host sizes changed"
+            );
+        }
+        for stranded in &outcome.newly_stranded {
+            let gpus = stranded.gpu_uuids.join(",");
+            warn!(pod = %stranded.spec.key(), gpus = %gpus, "GPU of a worker is gone; the worker keeps its assignment");
+            let event = KubeEvent {
+                type_: EventType::Warning,
+                reason: "AssignedGPUGone".to_owned(),
+                note: Some(format!(
+                    "GPU {gpus} assigned to this pod is no longer reported by NVML on node {node}; \
+                     the pod keeps its assignment and no new worker is placed on that GPU"
+                )),
+                action: "ResyncGPUs".to_owned(),
+                secondary: None,
+            };
+            let reference = ObjectReference {
+                api_version: Some("v1".to_owned()),
+                kind: Some("Pod".to_owned()),
+                namespace: Some(stranded.spec.namespace.clone()),
+                name: Some(stranded.spec.name.clone()),
+                uid: Some(stranded.spec.uid.clone()),
+                ..ObjectReference::default()
+            };
+            if let Err(error) = self.recorder.publish(&event, &reference).await {
+                warn!(pod = %stranded.spec.key(), %error, "Failed to publish the GPU-gone event");
+            }
+        }
+        for spec in &outcome.recovered {
+            info!(pod = %spec.key(), "GPUs of a worker are back");
+        }
+        debug!(node = %node, gpus = gpu_count, rebuilt = outcome.rebuilt, "Resynced GPUs and node status");
+        self.publish_node_status().await;
+        if outcome.rebuilt {
+            self.retry_pending().await;
+        }
+        outcome
     }
 }
 

@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub native_poll_seconds: f64,
     /// Compute steering window, in seconds (0 turns steering off).
     pub steering_window_seconds: f64,
+    /// How often GPUs and host sizes are re-read and the node's resources and labels written
+    /// again, in seconds (0 turns it off).
+    pub resync_seconds: f64,
 }
 
 impl Default for AgentConfig {
@@ -67,6 +70,7 @@ impl Default for AgentConfig {
             ),
             native_poll_seconds: 2.0,
             steering_window_seconds: 0.1,
+            resync_seconds: 30.0,
         }
     }
 }
@@ -117,6 +121,7 @@ impl AgentConfig {
             ("vramExpandToHostDisk", self.vram_expand_to_host_disk),
             ("vramWeight", self.vram_weight),
             ("tflopsWeight", self.tflops_weight),
+            ("resyncSeconds", self.resync_seconds),
         ] {
             if !(value.is_finite() && value >= 0.0) {
                 return Err(ConfigError::Invalid(format!("{name} {value} is negative")));
@@ -135,6 +140,13 @@ impl AgentConfig {
 
     pub fn native_poll(&self) -> Duration {
         Duration::from_secs_f64(self.native_poll_seconds.max(0.05))
+    }
+
+    /// The resync period; `None` when `resyncSeconds` is 0. Capped at a day, so that a huge
+    /// value cannot overflow the timer.
+    pub fn resync_interval(&self) -> Option<Duration> {
+        (self.resync_seconds > 0.0)
+            .then(|| Duration::from_secs_f64(self.resync_seconds.clamp(0.05, 86_400.0)))
     }
 }
 

@@ -13,6 +13,7 @@ type Device = *mut c_void;
 const NVML_SUCCESS: NvmlReturn = 0;
 const NVML_ERROR_NOT_FOUND: NvmlReturn = 6;
 const NVML_ERROR_INSUFFICIENT_SIZE: NvmlReturn = 7;
+const NVML_ERROR_GPU_IS_LOST: NvmlReturn = 15;
 const UUID_BUFFER: usize = 96;
 const NAME_BUFFER: usize = 96;
 
@@ -149,7 +150,8 @@ impl Nvml {
         Ok(text.to_string_lossy().into_owned())
     }
 
-    /// Every GPU on the node.
+    /// Every GPU on the node. A GPU NVML reports as lost (fallen off the bus) is left out, with
+    /// a warning; any other error fails the whole list.
     pub fn gpus(&self) -> Result<Vec<DiscoveredGpu>, NvmlError> {
         let count: libloading::Symbol<'_, GetCount> =
             self.symbol(b"nvmlDeviceGetCount_v2\0", "nvmlDeviceGetCount_v2")?;
@@ -160,13 +162,26 @@ impl Nvml {
         check("nvmlDeviceGetCount_v2", unsafe { count(&mut gpu_count) })?;
         let mut gpus = Vec::with_capacity(gpu_count as usize);
         for index in 0..gpu_count {
-            let device = self.handle(index)?;
-            let uuid = self.string(
-                device,
-                b"nvmlDeviceGetUUID\0",
-                "nvmlDeviceGetUUID",
-                UUID_BUFFER,
-            )?;
+            let found = self.handle(index).and_then(|device| {
+                let uuid = self.string(
+                    device,
+                    b"nvmlDeviceGetUUID\0",
+                    "nvmlDeviceGetUUID",
+                    UUID_BUFFER,
+                )?;
+                Ok((device, uuid))
+            });
+            let (device, uuid) = match found {
+                Ok(found) => found,
+                Err(NvmlError::Call {
+                    code: NVML_ERROR_GPU_IS_LOST,
+                    ..
+                }) => {
+                    tracing::warn!(index, "NVML reports the GPU as lost; leaving it out");
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
             let model = match self.string(
                 device,
                 b"nvmlDeviceGetName\0",

@@ -12,6 +12,7 @@ pub mod config;
 pub mod discovery;
 pub mod metrics;
 pub mod native;
+pub mod resync;
 pub mod server;
 pub mod steering;
 pub mod tflops;
@@ -55,6 +56,9 @@ pub struct Options {
     /// Most shared workers on this node.
     #[arg(long)]
     pub max_worker_per_node: Option<usize>,
+    /// Seconds between re-reads of the GPUs and host sizes (0 turns it off).
+    #[arg(long)]
+    pub resync_seconds: Option<f64>,
 }
 
 impl Options {
@@ -87,6 +91,9 @@ impl Options {
         }
         if let Some(value) = self.max_worker_per_node {
             config.max_worker_per_node = value;
+        }
+        if let Some(value) = self.resync_seconds {
+            config.resync_seconds = value;
         }
         config.validate()?;
         Ok(config)
@@ -133,6 +140,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     if config.nvidia_operator_progressive_migration {
         tasks.spawn(agent.clone().run_native_poll());
     }
+    if let Some(period) = config.resync_interval() {
+        // A second handle on the same library (NVML counts initialisations), so the steering
+        // loop keeps its own.
+        let resync_nvml = discovery::Nvml::load(&config.nvml_path)?;
+        tasks.spawn(
+            agent
+                .clone()
+                .run_resync(std::sync::Arc::new(resync_nvml), period),
+        );
+    }
     if config.steering_window_seconds > 0.0 {
         tasks.spawn(steering::run(agent.clone(), nvml));
     }
@@ -162,7 +179,7 @@ mod tests {
         std::fs::write(
             &path,
             r#"{"nodeName": "from-file", "tflopsOversellRatio": 300, "maxWorkerPerNode": 64,
-                "vramExpandToHostMem": 40, "listen": "127.0.0.1:9400"}"#,
+                "vramExpandToHostMem": 40, "listen": "127.0.0.1:9400", "resyncSeconds": 60}"#,
         )
         .unwrap();
         let options = Options::try_parse_from([
@@ -173,11 +190,17 @@ mod tests {
             "gpu-node-7",
             "--tflops-oversell-ratio",
             "200",
+            "--resync-seconds",
+            "5",
         ])
         .unwrap();
         let config = options.config().unwrap();
         assert_eq!(config.node_name, "gpu-node-7");
         assert_eq!(config.tflops_oversell_ratio, 200.0);
+        assert_eq!(
+            config.resync_interval(),
+            Some(std::time::Duration::from_secs(5))
+        );
         // Keys no flag names keep the file's values.
         assert_eq!(config.max_worker_per_node, 64);
         assert_eq!(config.vram_expand_to_host_mem, 40.0);
