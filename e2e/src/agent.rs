@@ -1,6 +1,8 @@
 //! Node agent processes for the e2e tests: one `tensor-fusion-node-agent` per kwok node, each on
-//! the mock NVML (`libtensor_fusion_mock_nvml.so`, GPU count and memory from `TF_MOCK_*`) with
-//! its own host root (the `/run/tensor-fusion` of that node) and device plugin checkpoint path.
+//! the mock NVML (`libtensor_fusion_mock_nvml.so`, GPU count and memory from `TF_MOCK_*`, or
+//! from its GPU list file once a test writes one) with its own host root (the
+//! `/run/tensor-fusion` of that node) and device plugin checkpoint path. The agents resync
+//! every [`RESYNC_SECONDS`], so tests see GPU changes and node status repairs quickly.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +27,9 @@ fn built_artifact(name: &str, build_hint: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The agents' `--resync-seconds`.
+pub const RESYNC_SECONDS: u64 = 1;
+
 /// The mock GPUs one agent sees.
 #[derive(Debug, Clone, Copy)]
 pub struct MockGpus {
@@ -40,6 +45,8 @@ pub struct AgentProcess {
     pub port: u16,
     pub host_root: PathBuf,
     pub checkpoint: PathBuf,
+    /// The mock NVML's GPU list file (`TF_MOCK_NVML_GPUS`); absent until a test writes it.
+    pub gpu_list: PathBuf,
     gpus: MockGpus,
     kubeconfig: PathBuf,
     log: PathBuf,
@@ -61,6 +68,7 @@ impl AgentProcess {
             port: free_port(),
             host_root,
             checkpoint: dir.join(node).join("kubelet_internal_checkpoint"),
+            gpu_list: dir.join(node).join("nvml-gpus"),
             gpus,
             kubeconfig: cluster.kubeconfig.clone(),
             log: std::env::temp_dir().join(format!("tf-agent-{node}.log")),
@@ -93,7 +101,9 @@ impl AgentProcess {
             .arg(self.host_root.join("no-kubelet.sock"))
             .arg("--device-plugin-checkpoint")
             .arg(&self.checkpoint)
+            .args(["--resync-seconds", &RESYNC_SECONDS.to_string()])
             .env("KUBECONFIG", &self.kubeconfig)
+            .env("TF_MOCK_NVML_GPUS", &self.gpu_list)
             .env("TF_MOCK_GPU_COUNT", self.gpus.count.to_string())
             .env("TF_MOCK_VRAM_BYTES", self.gpus.vram_bytes.to_string())
             .env("TF_LOG_LEVEL", "info")
@@ -127,6 +137,23 @@ impl AgentProcess {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn().await
+    }
+
+    /// Makes the mock NVML report `gpus` from now on (the agent sees it at its next resync).
+    pub fn set_gpus(&self, gpus: MockGpus) -> anyhow::Result<()> {
+        self.write_gpu_list(&format!("{} {}\n", gpus.count, gpus.vram_bytes))
+    }
+
+    /// Makes the mock NVML's device count fail until [`Self::set_gpus`].
+    pub fn fail_nvml(&self) -> anyhow::Result<()> {
+        self.write_gpu_list("fail\n")
+    }
+
+    fn write_gpu_list(&self, text: &str) -> anyhow::Result<()> {
+        let tmp = self.gpu_list.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.gpu_list)?;
+        Ok(())
     }
 
     /// GET on the agent's HTTP endpoint: (status, body).

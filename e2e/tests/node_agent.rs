@@ -3,6 +3,9 @@
 //! `tensor-fusion.ai/injected`, the `TF_*` environment and the extended resources), without the
 //! enabled label, so they do not depend on a webhook registration.
 //!
+//! The agents resync every second (`RESYNC_SECONDS`); the mock NVML's GPU list can change
+//! under a running agent (`AgentProcess::set_gpus`).
+//!
 //! Run by `make test` (which starts the cluster); skipped without `TF_E2E_KUBECONFIG`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +16,7 @@ use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use tensor_fusion_e2e::agent::{AgentProcess, MockGpus};
+use tensor_fusion_e2e::agent::{AgentProcess, MockGpus, RESYNC_SECONDS};
 use tensor_fusion_e2e::{Cluster, annotation, wait_for};
 
 const GIB: u64 = 1 << 30;
@@ -632,6 +635,284 @@ async fn native_gpus_in_the_checkpoint_are_avoided_while_the_agent_runs() -> any
     );
 
     drop(agents);
+    restore.restore().await;
+    Ok(())
+}
+
+/// What a node advertises: allocatable TFLOPS and VRAM, and the GPU model and count labels.
+#[derive(Debug, Clone, PartialEq)]
+struct Advertised {
+    tflops: Option<String>,
+    vram: Option<String>,
+    model: Option<String>,
+    count: Option<String>,
+}
+
+impl Advertised {
+    /// What an agent on `count` mock H100s of `vram_bytes` each advertises.
+    fn h100s(count: u64, vram_bytes: u64) -> Self {
+        Self {
+            tflops: Some((989 * count).to_string()),
+            vram: Some((count * vram_bytes).to_string()),
+            model: Some("NVIDIA-H100-80GB-HBM3".to_owned()),
+            count: Some(count.to_string()),
+        }
+    }
+}
+
+async fn advertised(nodes: &Api<Node>, node: &str) -> anyhow::Result<Advertised> {
+    let node = nodes.get(node).await?;
+    let allocatable = node
+        .status
+        .and_then(|status| status.allocatable)
+        .unwrap_or_default();
+    let labels = node.metadata.labels.unwrap_or_default();
+    Ok(Advertised {
+        tflops: allocatable
+            .get("tensor-fusion.ai/tflops")
+            .map(|quantity| quantity.0.clone()),
+        vram: allocatable
+            .get("tensor-fusion.ai/vram")
+            .map(|quantity| quantity.0.clone()),
+        model: labels.get("tensor-fusion.ai/gpu-model").cloned(),
+        count: labels.get("tensor-fusion.ai/gpu-count").cloned(),
+    })
+}
+
+/// Waits, at most a few resync periods, until `node` advertises `expected`.
+async fn wait_advertised(
+    nodes: &Api<Node>,
+    node: &str,
+    expected: &Advertised,
+    what: &str,
+) -> anyhow::Result<()> {
+    let result = wait_for(
+        what,
+        Duration::from_secs(5 * RESYNC_SECONDS + 5),
+        || async { Ok(&advertised(nodes, node).await? == expected) },
+    )
+    .await;
+    if result.is_err() {
+        eprintln!("{node} advertises {:?}", advertised(nodes, node).await?);
+    }
+    result
+}
+
+/// A shared pod (as in [`shared_template`]) pinned to `node`.
+fn shared_pod(name: &str, node: &str, vram: u64) -> anyhow::Result<Pod> {
+    let mut template = shared_template(name, vram);
+    template["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] = json!([node]);
+    Ok(serde_json::from_value(json!({
+        "metadata": {
+            "name": name,
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"]
+        },
+        "spec": template["spec"]
+    }))?)
+}
+
+async fn wait_assigned(pods: &Api<Pod>, name: &str) -> anyhow::Result<Vec<String>> {
+    wait_for(
+        &format!("the assignment of {name}"),
+        Duration::from_secs(60),
+        || async {
+            Ok(pods
+                .get(name)
+                .await
+                .ok()
+                .as_ref()
+                .and_then(assignment)
+                .is_some())
+        },
+    )
+    .await?;
+    let (_, gpus, _) = assignment(&pods.get(name).await?).unwrap_or_default();
+    Ok(gpus)
+}
+
+#[tokio::test]
+async fn node_resources_changed_by_hand_are_restored_by_the_resync() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let restore = RestoreNodes {
+        client: cluster.client.clone(),
+    };
+    let dir = tempfile::tempdir()?;
+    let gpus = MockGpus {
+        count: 2,
+        vram_bytes: 16 * GIB,
+    };
+    let agents = start_agents(&cluster, dir.path(), gpus).await?;
+    let agent = &agents[0];
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    let expected = Advertised::h100s(2, 16 * GIB);
+    wait_advertised(&nodes, &agent.node, &expected, "the agent's resources").await?;
+
+    // Someone drops the VRAM resource, overwrites the TFLOPS and the labels.
+    let tampered = json!({ "tensor-fusion.ai/tflops": "1", "tensor-fusion.ai/vram": null });
+    let status = json!({ "status": { "capacity": tampered, "allocatable": tampered } });
+    let labels = json!({ "metadata": { "labels": {
+        "tensor-fusion.ai/gpu-model": null,
+        "tensor-fusion.ai/gpu-count": "7",
+    }}});
+    let tamper = || async {
+        nodes
+            .patch_status(&agent.node, &PatchParams::default(), &Patch::Merge(&status))
+            .await?;
+        nodes
+            .patch(&agent.node, &PatchParams::default(), &Patch::Merge(&labels))
+            .await?;
+        anyhow::Ok(advertised(&nodes, &agent.node).await?)
+    };
+    let seen = tamper().await?;
+    assert_eq!(seen.vram, None, "{seen:?}");
+    wait_advertised(
+        &nodes,
+        &agent.node,
+        &expected,
+        "the resync to restore the node's resources and labels",
+    )
+    .await?;
+
+    // NVML starts failing: the resync still repairs the node, with the last known GPUs.
+    agent.fail_nvml()?;
+    // Past a resync that may have read the list before the change.
+    tokio::time::sleep(Duration::from_secs(RESYNC_SECONDS + 1)).await;
+    tamper().await?;
+    wait_advertised(
+        &nodes,
+        &agent.node,
+        &expected,
+        "the resync to restore the node while NVML fails",
+    )
+    .await?;
+    let allocation = agent.allocation().await?;
+    assert_eq!(allocation["gpus"].as_array().map(Vec::len), Some(2));
+
+    drop(agents);
+    restore.restore().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn gpus_added_or_removed_while_the_agent_runs_change_the_advertised_capacity()
+-> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(cluster) = Cluster::from_env().await? else {
+        return Ok(());
+    };
+    let restore = RestoreNodes {
+        client: cluster.client.clone(),
+    };
+    let dir = tempfile::tempdir()?;
+    let one_gpu = MockGpus {
+        count: 1,
+        vram_bytes: 16 * GIB,
+    };
+    let agent = AgentProcess::start(&cluster, dir.path(), NODES[0], one_gpu).await?;
+    let nodes: Api<Node> = Api::all(cluster.client.clone());
+    wait_advertised(
+        &nodes,
+        &agent.node,
+        &Advertised::h100s(1, 16 * GIB),
+        "one GPU advertised",
+    )
+    .await?;
+    let namespace = cluster.namespace("tf-agent-resync").await?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), namespace.name.as_str());
+    pods.create(
+        &PostParams::default(),
+        &shared_pod("first", &agent.node, 10 * GIB)?,
+    )
+    .await?;
+    let first_gpus = wait_assigned(&pods, "first").await?;
+
+    // A second GPU appears: the node advertises it, and the next 10 GiB worker gets it.
+    agent.set_gpus(MockGpus {
+        count: 2,
+        vram_bytes: 16 * GIB,
+    })?;
+    wait_advertised(
+        &nodes,
+        &agent.node,
+        &Advertised::h100s(2, 16 * GIB),
+        "the added GPU advertised",
+    )
+    .await?;
+    assert_eq!(
+        agent.allocation().await?["gpus"].as_array().map(Vec::len),
+        Some(2)
+    );
+    pods.create(
+        &PostParams::default(),
+        &shared_pod("second", &agent.node, 10 * GIB)?,
+    )
+    .await?;
+    let second_gpus = wait_assigned(&pods, "second").await?;
+    assert_ne!(second_gpus, first_gpus, "6 GiB left on the first GPU");
+
+    // The second GPU vanishes: capacity shrinks, its worker keeps its assignment and gets a
+    // Warning Event.
+    agent.set_gpus(one_gpu)?;
+    wait_advertised(
+        &nodes,
+        &agent.node,
+        &Advertised::h100s(1, 16 * GIB),
+        "the vanished GPU no longer advertised",
+    )
+    .await?;
+    let events: Api<Event> = Api::namespaced(cluster.client.clone(), namespace.name.as_str());
+    wait_for(
+        "the AssignedGPUGone event on the second pod",
+        Duration::from_secs(30),
+        || async {
+            let list = events
+                .list(&ListParams::default().fields("involvedObject.name=second"))
+                .await?;
+            Ok(list.items.iter().any(|event| {
+                event.type_.as_deref() == Some("Warning")
+                    && event.reason.as_deref() == Some("AssignedGPUGone")
+                    && event.message.as_deref().is_some_and(|message| {
+                        message.starts_with(&format!(
+                            "GPU {} assigned to this pod is no longer reported by NVML on node {}",
+                            second_gpus.join(","),
+                            agent.node
+                        ))
+                    })
+            }))
+        },
+    )
+    .await?;
+    assert_eq!(
+        assignment(&pods.get("second").await?).map(|(_, gpus, _)| gpus),
+        Some(second_gpus.clone())
+    );
+    let allocation = agent.allocation().await?;
+    assert_eq!(allocation["gpus"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        allocation["gpus"][0]["requested"]["vramBytes"].as_u64(),
+        Some(10 * GIB)
+    );
+    let workers = allocation["workers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let second = workers
+        .iter()
+        .find(|worker| worker["spec"]["name"] == "second")
+        .expect("the stranded worker keeps its record");
+    assert_eq!(second["assignment"]["gpuUuids"], json!(second_gpus));
+
+    for name in ["first", "second"] {
+        pods.delete(name, &DeleteParams::default()).await?;
+    }
+    drop(agent);
     restore.restore().await;
     Ok(())
 }
