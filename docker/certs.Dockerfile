@@ -1,7 +1,7 @@
 # Image ghcr.io/tensor-fusion-rs/tensor-fusion-certs:0.1.0 (values.yaml: image.registry + the component's
 # image.repository, tag = the chart's appVersion). Build from the repository root:
 #   docker build -f docker/certs.Dockerfile -t ghcr.io/tensor-fusion-rs/tensor-fusion-certs:0.1.0 .
-FROM docker.io/library/rust:1.88-bookworm AS build
+FROM docker.io/library/rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked -p tensor-fusion-certs --bin tensor-fusion-certs
