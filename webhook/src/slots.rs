@@ -45,6 +45,44 @@ pub struct ClaimCache {
 struct ClaimSeen {
     live: bool,
     at: Instant,
+    /// The pod's `resourceVersion` when this was seen (an etcd revision; `None` if it was
+    /// missing or not a number).
+    revision: Option<u64>,
+}
+
+/// The owner's shared pods from one LIST: claim id -> live, and the LIST's `resourceVersion`.
+#[derive(Debug, Default)]
+pub struct ListedPods {
+    claims: HashMap<String, bool>,
+    revision: Option<u64>,
+}
+
+fn revision_of(resource_version: Option<&String>) -> Option<u64> {
+    resource_version?.parse().ok()
+}
+
+/// Whether the holder of a claim is live, from a fresh LIST and this replica's watch cache.
+///
+/// The LIST is the truth for the claims it contains. A claim it lacks is either a pod not
+/// persisted yet (`None`: pending until the grace period ends), or a pod that is gone, or a pod
+/// the watch saw *after* the LIST's snapshot was taken (the API server saves an admitted pod
+/// only after the webhook answered, so this happens in bursts). Only when the LIST is at least
+/// as new as the cache's sighting is a missing pod taken as gone; otherwise the cache decides.
+/// Unknown revisions count as "the LIST may be older": the slot stays held (never more than N
+/// shared pods), and frees when the watch delivers the deletion.
+fn holder_live(listed: &ListedPods, cached: Option<ClaimSeen>, holder: &str) -> Option<bool> {
+    if let Some(live) = listed.claims.get(holder) {
+        return Some(*live);
+    }
+    let seen = cached?;
+    if !seen.live {
+        return Some(false);
+    }
+    let list_is_newer = matches!(
+        (listed.revision, seen.revision),
+        (Some(list), Some(sighting)) if list >= sighting
+    );
+    Some(!list_is_newer)
 }
 
 /// How long to remember a claim whose pod is gone.
@@ -57,12 +95,24 @@ impl ClaimCache {
         self.lock().get(claim_id).map(|seen| seen.live)
     }
 
+    fn seen(&self, claim_id: &str) -> Option<ClaimSeen> {
+        self.lock().get(claim_id).copied()
+    }
+
     fn observe(&self, pod: &Pod, deleted: bool) {
         let Some(claim) = claim_of(pod) else { return };
         let live = !deleted && pod_is_live(pod);
         let now = Instant::now();
+        let revision = revision_of(pod.metadata.resource_version.as_ref());
         let mut claims = self.lock();
-        claims.insert(claim.to_owned(), ClaimSeen { live, at: now });
+        claims.insert(
+            claim.to_owned(),
+            ClaimSeen {
+                live,
+                at: now,
+                revision,
+            },
+        );
         let mut pruned_at = self
             .pruned_at
             .lock()
@@ -74,7 +124,7 @@ impl ClaimCache {
     }
 
     /// After a re-list: claims the list did not contain are gone.
-    fn relisted(&self, listed: &HashMap<String, bool>) {
+    fn relisted(&self, listed: &HashMap<String, (bool, Option<u64>)>) {
         let now = Instant::now();
         let mut claims = self.lock();
         for (claim, seen) in claims.iter_mut() {
@@ -82,15 +132,17 @@ impl ClaimCache {
                 *seen = ClaimSeen {
                     live: false,
                     at: now,
+                    revision: seen.revision,
                 };
             }
         }
-        for (claim, live) in listed {
+        for (claim, &(live, revision)) in listed {
             claims.insert(
                 claim.clone(),
                 ClaimSeen {
-                    live: *live,
+                    live,
                     at: now,
+                    revision,
                 },
             );
         }
@@ -108,7 +160,7 @@ impl ClaimCache {
     pub async fn run(self: Arc<Self>, client: Client, synced: watch::Sender<bool>) {
         let pods: Api<Pod> = Api::all(client);
         let config = watcher::Config::default().labels(keys::CANARY_OWNER_LABEL);
-        let mut listing: HashMap<String, bool> = HashMap::new();
+        let mut listing: HashMap<String, (bool, Option<u64>)> = HashMap::new();
         let mut stream = watcher(pods, config).boxed();
         while let Some(event) = stream.next().await {
             match event {
@@ -117,7 +169,8 @@ impl ClaimCache {
                 Ok(watcher::Event::Init) => listing.clear(),
                 Ok(watcher::Event::InitApply(pod)) => {
                     if let Some(claim) = claim_of(&pod) {
-                        listing.insert(claim.to_owned(), pod_is_live(&pod));
+                        let revision = revision_of(pod.metadata.resource_version.as_ref());
+                        listing.insert(claim.to_owned(), (pod_is_live(&pod), revision));
                     }
                 }
                 Ok(watcher::Event::InitDone) => {
@@ -182,7 +235,7 @@ pub struct LeaseSlots {
     owner_locks: PerKey<tokio::sync::Mutex<()>>,
     /// Fresh LISTs of each owner's Leases and shared pods, shared by concurrent reviews.
     lease_reads: PerKey<FreshRead<HashMap<String, Lease>>>,
-    pod_reads: PerKey<FreshRead<HashMap<String, bool>>>,
+    pod_reads: PerKey<FreshRead<ListedPods>>,
 }
 
 impl LeaseSlots {
@@ -219,29 +272,32 @@ impl LeaseSlots {
             .await
     }
 
-    /// Claim id -> live, for the owner's shared pods, from a LIST issued after this call.
+    /// The owner's shared pods, from a LIST issued after this call.
     async fn fresh_pods(
         &self,
         namespace: &str,
         selector: &str,
         owner_uid: &str,
-    ) -> Result<Arc<HashMap<String, bool>>, kube::Error> {
+    ) -> Result<Arc<ListedPods>, kube::Error> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let params = ListParams::default().labels(selector);
         self.pod_reads
             .get(owner_uid)
             .read(|| async move {
                 let listed = api.list(&params).await?;
-                Ok(listed
-                    .items
-                    .iter()
-                    .filter_map(|pod| Some((claim_of(pod)?.to_owned(), pod_is_live(pod))))
-                    .collect())
+                Ok(ListedPods {
+                    claims: listed
+                        .items
+                        .iter()
+                        .filter_map(|pod| Some((claim_of(pod)?.to_owned(), pod_is_live(pod))))
+                        .collect(),
+                    revision: revision_of(listed.metadata.resource_version.as_ref()),
+                })
             })
             .await
     }
 
-    fn state_of(&self, lease: &Lease, live_pods: Option<&HashMap<String, bool>>) -> SlotState {
+    fn state_of(&self, lease: &Lease, live_pods: Option<&ListedPods>) -> SlotState {
         let spec = lease.spec.as_ref();
         let Some(holder) = spec.and_then(|spec| spec.holder_identity.as_deref()) else {
             return SlotState::Stale;
@@ -250,16 +306,9 @@ impl LeaseSlots {
         let age = acquired
             .map(|time| Timestamp::now().duration_since(time.0).unsigned_abs())
             .unwrap_or(Duration::MAX);
-        let cached = self.claims.is_live(holder);
         let live = match live_pods {
-            // A fresh LIST is the truth for pods it contains; a claim it lacks was either
-            // never persisted (pending until the grace ends) or seen and since removed.
-            Some(listed) => match listed.get(holder) {
-                Some(live) => Some(*live),
-                None if cached.is_some() => Some(false),
-                None => None,
-            },
-            None => cached,
+            Some(listed) => holder_live(listed, self.claims.seen(holder), holder),
+            None => self.claims.is_live(holder),
         };
         classify(live, age, self.grace)
     }
@@ -357,7 +406,7 @@ impl LeaseSlots {
         let claim_id = new_claim_id();
         let start = rand::random_range(0..limit);
         let order: Vec<u32> = (0..limit).map(|i| (start + i) % limit).collect();
-        let mut live_pods: Option<Arc<HashMap<String, bool>>> = None;
+        let mut live_pods: Option<Arc<ListedPods>> = None;
         // Two passes: the first trusts the watch cache; if every slot looks held, the second
         // lists the owner's pods afresh, so a pod deleted a moment ago frees its slot at once.
         for pass in 0..2 {
@@ -486,9 +535,47 @@ mod tests {
             Some(false),
             "terminating pods free their slot"
         );
-        cache.relisted(&[("c2".to_owned(), true)].into());
+        cache.relisted(&[("c2".to_owned(), (true, Some(7)))].into());
         assert_eq!(cache.is_live("c2"), Some(true));
         assert_eq!(cache.is_live("c1"), Some(false));
+    }
+
+    fn seen(live: bool, revision: Option<u64>) -> Option<ClaimSeen> {
+        Some(ClaimSeen {
+            live,
+            at: Instant::now(),
+            revision,
+        })
+    }
+
+    #[test]
+    fn a_list_older_than_the_watch_never_frees_a_live_slot() {
+        // The race a burst produced: the webhook admitted pod P (claim c1); the fresh LIST's
+        // snapshot was taken before P was saved, the watch delivered P afterwards. P is live:
+        // its slot must stay held, or a second pod takes it.
+        let listed = ListedPods {
+            claims: HashMap::new(),
+            revision: Some(90),
+        };
+        assert_eq!(holder_live(&listed, seen(true, Some(100)), "c1"), Some(true));
+        // A LIST at or after the sighting that lacks the pod: the pod is gone.
+        let newer = ListedPods {
+            claims: HashMap::new(),
+            revision: Some(100),
+        };
+        assert_eq!(holder_live(&newer, seen(true, Some(100)), "c1"), Some(false));
+        // Revisions unknown: keep the slot held (exactness first).
+        let unknown = ListedPods::default();
+        assert_eq!(holder_live(&unknown, seen(true, None), "c1"), Some(true));
+        assert_eq!(holder_live(&newer, seen(true, None), "c1"), Some(true));
+        // The watch saw it go; never seen; the LIST has it.
+        assert_eq!(holder_live(&listed, seen(false, Some(95)), "c1"), Some(false));
+        assert_eq!(holder_live(&listed, None, "c1"), None);
+        let has = ListedPods {
+            claims: [("c1".to_owned(), false)].into(),
+            revision: Some(90),
+        };
+        assert_eq!(holder_live(&has, seen(true, Some(80)), "c1"), Some(false));
     }
 
     #[tokio::test]
