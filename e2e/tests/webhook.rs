@@ -338,6 +338,27 @@ async fn burst_of_fifty_with_two_webhooks_shares_exactly_seven() -> anyhow::Resu
         native_after.0 > native_before.0 && native_after.1 > native_before.1,
         "both webhook processes served the burst: {native_before:?} -> {native_after:?}"
     );
+
+    // A bigger burst while every shared pod is deleted at once: the replacements and the new
+    // pods race for the 7 freed slots through both processes (a fresh LIST can then be older
+    // than what the watch has seen); still exactly 7.
+    let pod_api: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
+    let scale = cluster.kubectl(&["scale", "replicaset", "-n", ns, "burst", "--replicas=200"]);
+    for name in shared_names(&pods) {
+        pod_api.delete(&name, &DeleteParams::default()).await?;
+    }
+    scale?;
+    let pods = wait_for_pods(cluster, ns, "app=burst", 200).await?;
+    let shared = shared_names(&pods);
+    assert_eq!(shared.len(), 7, "exactly 7 of 200 shared: {shared:?}");
+    let mut positions: Vec<&str> = pods
+        .iter()
+        .filter(|pod| is_shared(pod))
+        .filter_map(|pod| annotation(pod, "tensor-fusion.ai/canary"))
+        .collect();
+    positions.sort_unstable();
+    positions.dedup();
+    assert_eq!(positions.len(), 7, "no slot held twice: {positions:?}");
     Ok(())
 }
 

@@ -557,19 +557,28 @@ mod tests {
             claims: HashMap::new(),
             revision: Some(90),
         };
-        assert_eq!(holder_live(&listed, seen(true, Some(100)), "c1"), Some(true));
+        assert_eq!(
+            holder_live(&listed, seen(true, Some(100)), "c1"),
+            Some(true)
+        );
         // A LIST at or after the sighting that lacks the pod: the pod is gone.
         let newer = ListedPods {
             claims: HashMap::new(),
             revision: Some(100),
         };
-        assert_eq!(holder_live(&newer, seen(true, Some(100)), "c1"), Some(false));
+        assert_eq!(
+            holder_live(&newer, seen(true, Some(100)), "c1"),
+            Some(false)
+        );
         // Revisions unknown: keep the slot held (exactness first).
         let unknown = ListedPods::default();
         assert_eq!(holder_live(&unknown, seen(true, None), "c1"), Some(true));
         assert_eq!(holder_live(&newer, seen(true, None), "c1"), Some(true));
         // The watch saw it go; never seen; the LIST has it.
-        assert_eq!(holder_live(&listed, seen(false, Some(95)), "c1"), Some(false));
+        assert_eq!(
+            holder_live(&listed, seen(false, Some(95)), "c1"),
+            Some(false)
+        );
         assert_eq!(holder_live(&listed, None, "c1"), None);
         let has = ListedPods {
             claims: [("c1".to_owned(), false)].into(),
