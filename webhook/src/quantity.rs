@@ -2,7 +2,9 @@
 //!
 //! Annotations carry quantities as strings; this module turns them into integers in a fixed unit
 //! without floating point: [`parse_milli`] gives thousandths (TFLOPS are kept as milli-TFLOPS),
-//! [`parse_bytes`] gives whole units rounded up, as Kubernetes does for `Value()`. Formatting back
+//! [`parse_bytes`] gives whole bytes and refuses fractions of a byte (`1m` is a thousandth of a
+//! byte: almost certainly a typo for `1Mi`; Kubernetes warns about such memory values too).
+//! Formatting back
 //! ([`format_milli`], [`format_bytes`]) gives the short forms a person reads in `kubectl describe`.
 
 /// Why a string is not a usable quantity.
@@ -14,6 +16,8 @@ pub enum QuantityError {
     Negative,
     #[error("is too large")]
     Overflow,
+    #[error("is not a whole number of bytes (did you mean Mi or Gi?)")]
+    FractionalBytes,
 }
 
 const MILLI: u128 = 1000;
@@ -28,10 +32,13 @@ pub fn parse_milli(text: &str) -> Result<u64, QuantityError> {
     u64::try_from(milli).map_err(|_| QuantityError::Overflow)
 }
 
-/// Parses `text` and returns its value in whole units (bytes for memory), rounded up.
+/// Parses `text` as a number of bytes; a fraction of a byte is an error.
 pub fn parse_bytes(text: &str) -> Result<u64, QuantityError> {
     let (numerator, denominator) = parse_ratio(text)?;
-    u64::try_from(numerator.div_ceil(denominator)).map_err(|_| QuantityError::Overflow)
+    if !numerator.is_multiple_of(denominator) {
+        return Err(QuantityError::FractionalBytes);
+    }
+    u64::try_from(numerator / denominator).map_err(|_| QuantityError::Overflow)
 }
 
 /// The exact value of `text` as `numerator / denominator`.
@@ -130,12 +137,23 @@ pub fn format_milli(milli: u64) -> String {
     }
 }
 
-/// Formats bytes with the largest binary suffix that divides them: `3221225472` -> `3Gi`.
+/// Formats bytes with the largest suffix that divides them, binary first (`3221225472` ->
+/// `3Gi`), then decimal (`1000000000` -> `1G`), so a value reads the way it was likely written.
 pub fn format_bytes(bytes: u64) -> String {
-    const SUFFIXES: [&str; 6] = ["Ei", "Pi", "Ti", "Gi", "Mi", "Ki"];
-    for (index, suffix) in SUFFIXES.iter().enumerate() {
+    const BINARY: [&str; 6] = ["Ei", "Pi", "Ti", "Gi", "Mi", "Ki"];
+    const DECIMAL: [&str; 6] = ["E", "P", "T", "G", "M", "k"];
+    if bytes == 0 {
+        return "0".to_owned();
+    }
+    for (index, suffix) in BINARY.iter().enumerate() {
         let unit = 1u64 << (10 * (6 - index));
-        if bytes != 0 && bytes.is_multiple_of(unit) {
+        if bytes.is_multiple_of(unit) {
+            return format!("{}{suffix}", bytes / unit);
+        }
+    }
+    for (index, suffix) in DECIMAL.iter().enumerate() {
+        let unit = 10u64.pow(3 * (6 - index as u32));
+        if bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }
@@ -153,7 +171,14 @@ mod tests {
         assert_eq!(parse_bytes("1.5Gi"), Ok(3 << 29));
         assert_eq!(parse_bytes("500M"), Ok(500_000_000));
         assert_eq!(parse_bytes("1e3"), Ok(1000));
-        assert_eq!(parse_bytes("100m"), Ok(1), "fractions of a byte round up");
+        assert_eq!(
+            parse_bytes("100m"),
+            Err(QuantityError::FractionalBytes),
+            "a fraction of a byte is a typo, not a size"
+        );
+        assert_eq!(parse_bytes("0.5"), Err(QuantityError::FractionalBytes));
+        assert_eq!(parse_bytes("1500m"), Err(QuantityError::FractionalBytes));
+        assert_eq!(parse_bytes("2000m"), Ok(2));
         assert_eq!(parse_bytes(" 42 "), Ok(42));
         assert_eq!(parse_milli("100"), Ok(100_000));
         assert_eq!(parse_milli("0.5"), Ok(500));
@@ -178,7 +203,9 @@ mod tests {
     fn formats_for_people() {
         assert_eq!(format_bytes(3 << 30), "3Gi");
         assert_eq!(format_bytes(1536 << 20), "1536Mi");
-        assert_eq!(format_bytes(1000), "1000");
+        assert_eq!(format_bytes(1000), "1k");
+        assert_eq!(format_bytes(1_000_000_000), "1G");
+        assert_eq!(format_bytes(1234), "1234");
         assert_eq!(format_bytes(0), "0");
         assert_eq!(format_milli(100_000), "100");
         assert_eq!(format_milli(1500), "1.5");

@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use crate::keys;
 use crate::quantity::{self, QuantityError};
 
+/// The most GPUs one container may ask for (the largest nodes have 8-16; 64 leaves room).
+pub const MAX_GPU_COUNT: u32 = 64;
+
 /// A request/limit pair in one unit (milli-TFLOPS or bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
@@ -105,12 +108,20 @@ impl ShareSpec {
 
         let gpu_count = get(keys::GPU_COUNT)
             .map(|value| match value.trim().parse::<u32>() {
-                Ok(0) | Err(_) => Err(SpecError::invalid(
+                Ok(count) if (1..=MAX_GPU_COUNT).contains(&count) => Ok(count),
+                Ok(0) => Err(SpecError::invalid(
                     keys::GPU_COUNT,
                     value,
                     "must be a positive integer",
                 )),
-                Ok(count) => Ok(count),
+                Err(error) if *error.kind() != std::num::IntErrorKind::PosOverflow => Err(
+                    SpecError::invalid(keys::GPU_COUNT, value, "must be a positive integer"),
+                ),
+                _ => Err(SpecError::invalid(
+                    keys::GPU_COUNT,
+                    value,
+                    "is too large (at most 64 GPUs per container)",
+                )),
             })
             .transpose()?;
 
@@ -286,6 +297,24 @@ mod tests {
             (
                 &[(keys::VRAM_LIMIT, "1Gi"), (keys::GPU_COUNT, "0")],
                 "invalid annotation tensor-fusion.ai/gpu-count: \"0\" must be a positive integer",
+            ),
+            (
+                &[
+                    (keys::VRAM_LIMIT, "1Gi"),
+                    (keys::GPU_COUNT, "99999999999999"),
+                ],
+                "invalid annotation tensor-fusion.ai/gpu-count: \"99999999999999\" is too large \
+                 (at most 64 GPUs per container)",
+            ),
+            (
+                &[(keys::VRAM_LIMIT, "1Gi"), (keys::GPU_COUNT, "65")],
+                "invalid annotation tensor-fusion.ai/gpu-count: \"65\" is too large \
+                 (at most 64 GPUs per container)",
+            ),
+            (
+                &[(keys::VRAM_LIMIT, "1m")],
+                "invalid annotation tensor-fusion.ai/vram-limit: \"1m\" is not a whole number \
+                 of bytes (did you mean Mi or Gi?)",
             ),
             (
                 &[(keys::VRAM_LIMIT, "-1Gi")],
