@@ -62,6 +62,9 @@ pub struct Plan {
     pub targets: Vec<Target>,
     /// Whether any target container asked for `nvidia.com/gpu` (the patch removes it).
     pub removes_native_gpus: bool,
+    /// Containers left out of the injection that still ask for whole GPUs (`name (count)`):
+    /// the pod then holds native GPUs too, and the summary says so.
+    pub keeps_native: Vec<String>,
 }
 
 fn containers(pod: &Value) -> &[Value] {
@@ -148,9 +151,19 @@ impl Plan {
         let removes_native_gpus = targets
             .iter()
             .any(|target| native_gpus(&all[target.index]).is_some());
+        let keeps_native = all
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !targets.iter().any(|target| target.index == *index))
+            .filter_map(|(_, container)| {
+                let gpus = native_gpus(container).filter(|&gpus| gpus > 0)?;
+                Some(format!("{} ({gpus})", container_name(container)))
+            })
+            .collect();
         Ok(Self {
             targets,
             removes_native_gpus,
+            keeps_native,
         })
     }
 
@@ -232,6 +245,13 @@ impl Plan {
         parts.push(gpus);
         if self.removes_native_gpus {
             parts.push(format!("{} removed", keys::NVIDIA_GPU));
+        }
+        if !self.keeps_native.is_empty() {
+            parts.push(format!(
+                "not injected, still on whole GPUs ({}): {}",
+                keys::NVIDIA_GPU,
+                self.keeps_native.join(", ")
+            ));
         }
         parts.join("; ")
     }
@@ -451,6 +471,26 @@ mod tests {
         assert_eq!(
             pod["spec"]["containers"][0],
             json!({ "name": "sidecar", "image": "envoy" })
+        );
+    }
+
+    #[test]
+    fn the_summary_names_containers_left_on_whole_gpus() {
+        let mut pod = pod(json!([
+            { "name": "a", "resources": { "limits": { "nvidia.com/gpu": "2" } } },
+            { "name": "b" }
+        ]));
+        let mut spec = guide_spec();
+        spec.inject_containers = Some(vec!["b".to_owned()]);
+        let plan = Plan::new(&pod, &spec).unwrap();
+        let summary = plan.apply(&mut pod, &spec).unwrap();
+        assert!(
+            summary.ends_with("not injected, still on whole GPUs (nvidia.com/gpu): a (2)"),
+            "{summary}"
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+            "2"
         );
     }
 
