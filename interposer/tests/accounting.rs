@@ -172,3 +172,156 @@ fn kill_lingering_sleep(usage: &std::path::Path) {
         }
     }
 }
+
+/// Byte offset of process slot 0 and the size of a slot in the usage file
+/// (`docs/interposer.md`, "the usage file").
+const SLOTS_AT_BYTES: u64 = 1088;
+const SLOT_BYTES: u64 = 160;
+
+/// Reads a probe's stdout until it says it holds; returns the lines and the rest of stdout.
+fn wait_for_hold(
+    child: &mut std::process::Child,
+) -> (Vec<String>, std::io::BufReader<std::process::ChildStdout>) {
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).expect("reading probe output") > 0 {
+        let done = line.starts_with("hold ");
+        seen.push(line.trim_end().to_owned());
+        line.clear();
+        if done {
+            break;
+        }
+    }
+    (seen, stdout)
+}
+
+#[test]
+fn a_slot_left_by_a_killed_process_with_this_pid_is_reaped() {
+    // What a container restart leaves in the pod directory: a slot with the new process's pid
+    // (the killed main process was pid 1, so is the new one) but another start time.
+    let pod = Pod::with_limits("vram_limit=1048576\n");
+    let mut probe = pod
+        .probe(
+            "exports",
+            &["hold", "init", "ctx:0", "meminfo", "alloc:1048576"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the probe");
+    let (_, mut rest) = wait_for_hold(&mut probe);
+
+    let settings = [tensor_fusion_interposer_core::shm::DeviceSettings {
+        vram_limit: 1_048_576,
+        ..Default::default()
+    }];
+    drop(
+        tensor_fusion_interposer_core::shm::UsageFile::open(&pod.usage_path(), &settings).unwrap(),
+    );
+    let mut slot = [0_u8; SLOT_BYTES as usize];
+    slot[0..8].copy_from_slice(&u64::from(probe.id()).to_le_bytes());
+    // Start time 1 tick after boot: not the probe's.
+    slot[8..16].copy_from_slice(&1_u64.to_le_bytes());
+    slot[16..24].copy_from_slice(&800_000_u64.to_le_bytes());
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(pod.usage_path())
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &slot, SLOTS_AT_BYTES + 3 * SLOT_BYTES)
+        .unwrap();
+
+    drop(probe.stdin.take());
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut rest, &mut stdout).unwrap();
+    let output = probe.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("meminfo result=0 free=1048576 total=1048576"),
+        "the predecessor's 800000 bytes are gone: {stdout}"
+    );
+    assert!(stdout.contains("alloc:1048576 result=0"), "{stdout}");
+}
+
+/// `command` run as pid 1 of a new PID namespace (with its own /proc), through `unshare` in a
+/// user namespace; `None` where this machine does not allow that.
+fn as_pid_one(command: &std::process::Command) -> Option<std::process::Command> {
+    let prefix = [
+        "--user",
+        "--map-root-user",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child",
+    ];
+    let works = std::process::Command::new("unshare")
+        .args(prefix)
+        .arg("true")
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !works {
+        return None;
+    }
+    let mut wrapped = std::process::Command::new("unshare");
+    wrapped
+        .args(prefix)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (key, value) in command.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    Some(wrapped)
+}
+
+#[test]
+fn a_restarted_pid_one_does_not_inherit_the_killed_pid_ones_memory() {
+    let pod = Pod::with_limits("vram_limit=1048576\n");
+    let Some(mut first) =
+        as_pid_one(&pod.probe("exports", &["init", "ctx:0", "alloc:800000", "hold"]))
+    else {
+        eprintln!("skipped: unshare of user and PID namespaces is not allowed here");
+        return;
+    };
+    let mut first = first
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the first pid-1 probe");
+    let (lines, _) = wait_for_hold(&mut first);
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.starts_with("alloc:800000 result=0 ")),
+        "{lines:?}"
+    );
+    // SIGKILL to unshare; --kill-child sends the probe (pid 1 inside) SIGKILL too.
+    first.kill().expect("SIGKILL");
+    let first_output = first.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first_output.stderr).contains(" pid=1 "),
+        "the holder ran as pid 1"
+    );
+
+    let second = as_pid_one(&pod.probe("exports", &["init", "ctx:0", "meminfo", "alloc:1048576"]))
+        .expect("unshare worked a moment ago")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(" pid=1 "),
+        "the new process is pid 1 too: {stderr}"
+    );
+    assert!(
+        stdout.contains("meminfo result=0 free=1048576 total=1048576"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("alloc:1048576 result=0"), "{stdout}");
+}

@@ -12,9 +12,11 @@
 //!
 //! A process charges its allocations to its own slot. The container's usage is the sum of the
 //! slots. Reservations take a process-local mutex and then `flock` on the file, which the kernel
-//! drops when a holder dies, so a SIGKILLed process never stalls the others. A slot whose owner
-//! is gone (no such pid, a zombie, or a pid reused by a newer process) is cleared by the next
-//! reservation that would not fit otherwise and by every memory query, so a dead process's
+//! drops when a holder dies, so a SIGKILLed process never stalls the others. A slot names its
+//! owner by pid and start time, since the file outlives container restarts and a new process
+//! often gets the pid of a killed one (pid 1). A slot whose owner is gone (no such pid, a
+//! zombie, or a pid now held by a process with another start time, this one included) is
+//! cleared by the next reservation that would not fit otherwise and by every memory query, so a dead process's
 //! usage is returned at the latest when someone needs it. Releases and the token bucket are
 //! lock-free.
 
@@ -144,6 +146,10 @@ pub struct UsageFile {
     process_lock: Mutex<()>,
     slot: AtomicUsize,
     slot_pid: AtomicU64,
+    /// This process's identity as slots record it: `own_pid` and its start time, read once per
+    /// pid (a forked child reads its own), so a slot written and a slot compared agree.
+    own_pid: AtomicU64,
+    own_start_time: AtomicU64,
 }
 
 // SAFETY: the mapping is only accessed through atomics, and it lives as long as the value.
@@ -245,6 +251,8 @@ impl UsageFile {
             process_lock: Mutex::new(()),
             slot: AtomicUsize::new(NO_SLOT),
             slot_pid: AtomicU64::new(0),
+            own_pid: AtomicU64::new(0),
+            own_start_time: AtomicU64::new(0),
         }
     }
 
@@ -347,18 +355,26 @@ impl UsageFile {
         }
         if used.saturating_add(bytes) > limit {
             return Err(UsageError::OverLimit {
-                kind: match kind {
-                    MemoryKind::Device => "vram",
-                    MemoryKind::Spill => "spill",
-                },
+                kind: kind_name(kind),
                 device,
                 used,
                 requested: bytes,
                 limit,
             });
         }
+        // Checked: with no limit the sum above saturates, and a wrapped counter would hand the
+        // container its memory back. Releases update the word concurrently, hence fetch_update.
         self.slot_word(slot, Self::counter_word(kind, device))
-            .fetch_add(bytes, Ordering::AcqRel);
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes)
+            })
+            .map_err(|held| UsageError::OverLimit {
+                kind: kind_name(kind),
+                device,
+                used: held,
+                requested: bytes,
+                limit,
+            })?;
         Ok(())
     }
 
@@ -389,15 +405,24 @@ impl UsageFile {
     }
 
     fn reap_dead_locked(&self) -> usize {
-        let own_pid = u64::from(std::process::id());
+        let (own_pid, own_start_time) = self.own_identity();
         let mut cleared = 0;
         for slot in 0..SLOT_COUNT {
             let pid = self.slot_word(slot, S_PID).load(Ordering::Acquire);
-            if pid == 0 || pid == own_pid {
+            if pid == 0 {
                 continue;
             }
             let start_time = self.slot_word(slot, S_START_TIME).load(Ordering::Acquire);
-            if !process_alive(pid, start_time) {
+            // A slot with this pid is this process's only if the start time matches too: the
+            // usage file outlives container restarts, and the new main process is often the
+            // same pid (1) as the one that was killed. (When /proc cannot tell the start time,
+            // a slot of this pid is taken for this process's.)
+            let alive = if pid == own_pid {
+                own_start_time == 0 || start_time == own_start_time
+            } else {
+                process_alive(pid, start_time)
+            };
+            if !alive {
                 self.clear_slot(slot);
                 cleared += 1;
             }
@@ -412,8 +437,20 @@ impl UsageFile {
         self.slot_word(slot, S_PID).store(0, Ordering::Release);
     }
 
-    fn claim_slot_locked(&self) -> Result<usize, UsageError> {
+    /// `(pid, start time)` of this process (start time 0 when `/proc` cannot tell); read once
+    /// per pid. Called under `process_lock`.
+    fn own_identity(&self) -> (u64, u64) {
         let pid = u64::from(std::process::id());
+        if self.own_pid.load(Ordering::Acquire) != pid {
+            let start_time = process_start_time(pid).unwrap_or(0);
+            self.own_start_time.store(start_time, Ordering::Release);
+            self.own_pid.store(pid, Ordering::Release);
+        }
+        (pid, self.own_start_time.load(Ordering::Acquire))
+    }
+
+    fn claim_slot_locked(&self) -> Result<usize, UsageError> {
+        let (pid, start_time) = self.own_identity();
         let slot = self.slot.load(Ordering::Acquire);
         if slot != NO_SLOT && self.slot_pid.load(Ordering::Acquire) == pid {
             return Ok(slot);
@@ -428,9 +465,10 @@ impl UsageFile {
                 free(self).ok_or(UsageError::SlotsFull)?
             }
         };
+        // A free slot starts from zero: a new process never takes over a predecessor's charges.
         self.clear_slot(slot);
         self.slot_word(slot, S_START_TIME)
-            .store(process_start_time(pid).unwrap_or(0), Ordering::Release);
+            .store(start_time, Ordering::Release);
         self.slot_word(slot, S_PID).store(pid, Ordering::Release);
         self.slot.store(slot, Ordering::Release);
         self.slot_pid.store(pid, Ordering::Release);
@@ -487,6 +525,13 @@ impl Drop for UsageFile {
         unsafe {
             libc::munmap(self.words.as_ptr().cast(), FILE_BYTES);
         }
+    }
+}
+
+fn kind_name(kind: MemoryKind) -> &'static str {
+    match kind {
+        MemoryKind::Device => "vram",
+        MemoryKind::Spill => "spill",
     }
 }
 
@@ -628,6 +673,77 @@ mod tests {
         first.reserve(0, 300, MemoryKind::Device).unwrap();
         assert_eq!(first.used(0, MemoryKind::Device), 1000);
         assert_eq!(second.slot_word(5, S_PID).load(Ordering::Acquire), 0);
+    }
+
+    /// What a container restart leaves behind: the killed main process was pid 1, and so is
+    /// the new one. Its slot carries this process's pid with another start time.
+    fn plant_predecessor(usage: &UsageFile, slot: usize, vram: u64) {
+        let (pid, start_time) = usage.own_identity();
+        assert_ne!(start_time, 0, "/proc tells this process's start time");
+        usage
+            .slot_word(slot, S_START_TIME)
+            .store(start_time - 1, Ordering::Release);
+        usage.slot_word(slot, S_VRAM).store(vram, Ordering::Release);
+        usage.slot_word(slot, S_PID).store(pid, Ordering::Release);
+    }
+
+    #[test]
+    fn a_dead_predecessor_with_this_pid_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.shm");
+        let usage = UsageFile::open(&path, &limited(1_048_576, 0)).unwrap();
+        plant_predecessor(&usage, 0, 800_000);
+        assert_eq!(usage.used(0, MemoryKind::Device), 800_000);
+
+        assert_eq!(usage.reap_dead().unwrap(), 1);
+        assert_eq!(usage.used(0, MemoryKind::Device), 0);
+        assert_eq!(usage.slot_word(0, S_PID).load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_reservation_that_meets_a_dead_predecessor_reaps_it_and_starts_from_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.shm");
+        let usage = UsageFile::open(&path, &limited(1_048_576, 0)).unwrap();
+        plant_predecessor(&usage, 0, 800_000);
+
+        usage.reserve(0, 300_000, MemoryKind::Device).unwrap();
+        assert_eq!(usage.used(0, MemoryKind::Device), 300_000);
+        let own_slot = usage.slot.load(Ordering::Acquire);
+        assert_eq!(
+            usage.slot_word(own_slot, S_VRAM).load(Ordering::Acquire),
+            300_000,
+            "the predecessor's charge is not adopted"
+        );
+    }
+
+    #[test]
+    fn this_processs_own_slot_survives_reaping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.shm");
+        let usage = UsageFile::open(&path, &limited(1000, 0)).unwrap();
+        usage.reserve(0, 100, MemoryKind::Device).unwrap();
+        let other_handle = UsageFile::attach(&path).unwrap();
+        assert_eq!(other_handle.reap_dead().unwrap(), 0);
+        assert_eq!(usage.reap_dead().unwrap(), 0);
+        assert_eq!(usage.used(0, MemoryKind::Device), 100);
+    }
+
+    #[test]
+    fn a_huge_request_without_a_limit_does_not_wrap_the_counter() {
+        let usage = UsageFile::private(&[DeviceSettings::default()]).unwrap();
+        usage.reserve(0, u64::MAX - 10, MemoryKind::Device).unwrap();
+        assert_eq!(
+            usage.reserve(0, 11, MemoryKind::Device).unwrap_err(),
+            UsageError::OverLimit {
+                kind: "vram",
+                device: 0,
+                used: u64::MAX - 10,
+                requested: 11,
+                limit: u64::MAX
+            }
+        );
+        assert_eq!(usage.used(0, MemoryKind::Device), u64::MAX - 10);
     }
 
     #[test]
