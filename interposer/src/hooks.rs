@@ -1,7 +1,10 @@
 //! The exported CUDA driver functions and the table that maps names and real addresses to them.
 //!
 //! Each export runs through [`guard::hooked`]: re-entrant calls and calls before `cuInit`
-//! reached the interposer go straight to the real driver. `cuGetProcAddress(_v2)` forwards the
+//! reached the interposer go straight to the real driver. `cuInit` decides first whether the
+//! container may use CUDA ([`admit`]) and initialises the real driver only then; once it refused,
+//! it repeats its refusal and every other hook returns `CUDA_ERROR_NOT_INITIALIZED`, what the
+//! driver answers after a failed `cuInit`. `cuGetProcAddress(_v2)` forwards the
 //! request, then swaps the returned pointer for the hook of the same variant: first by matching
 //! it against the real addresses of the hooked exports, else by the variant table
 //! (name, cudaVersion, flags); names the interposer does not hook are never touched.
@@ -23,15 +26,16 @@ use tensor_fusion_interposer_core::limiter::{GRAPH_LAUNCH_COST, launch_cost};
 use tensor_fusion_interposer_core::variants;
 
 use crate::cuda::{
-    CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_UNKNOWN,
-    CUDA_SUCCESS, CUdevice, CUdeviceptr, CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult,
-    CUstream, CUuuid, c_name, call_real, read_out, write_out,
+    CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE,
+    CUDA_ERROR_NOT_INITIALIZED, CUDA_ERROR_UNKNOWN, CUDA_SUCCESS, CUdevice, CUdeviceptr,
+    CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult, CUstream, CUuuid, c_name, call_real,
+    read_out, write_out,
 };
 use crate::dlsym::lookup_real;
 use crate::guard::hooked;
 use crate::launch::throttle;
 use crate::memory::{self, Order, Spill};
-use crate::runtime::{activate, active};
+use crate::runtime::{activate, active, admit, refusal};
 
 /// Defines an export: `$real` is the real call with the same arguments, `$active` the state
 /// once `cuInit` went through the interposer; without it the call goes to the driver as is.
@@ -45,6 +49,7 @@ macro_rules! export {
                 CUDA_ERROR_UNKNOWN,
                 || match active() {
                     Some($active) => $body,
+                    None if refusal().is_some() => CUDA_ERROR_NOT_INITIALIZED,
                     None => $real(),
                 },
                 $real,
@@ -60,6 +65,10 @@ pub unsafe extern "C" fn cuInit(flags: c_uint) -> CUresult {
         "cuInit",
         CUDA_ERROR_UNKNOWN,
         || {
+            // Decide first: a refused process never initialises the real driver.
+            if let Err(code) = admit() {
+                return code;
+            }
             let result = real();
             if result != CUDA_SUCCESS {
                 return result;

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tensor_fusion_interposer_core::config::ContainerLimits;
@@ -77,6 +77,39 @@ pub struct Active {
 
 static RUNTIME: OnceLock<Result<Runtime, CUresult>> = OnceLock::new();
 static ACTIVE: OnceLock<Active> = OnceLock::new();
+/// The code `cuInit` refused CUDA with (`CUDA_SUCCESS`: not refused). Once set it stays: every
+/// later `cuInit` returns it and every other hook `CUDA_ERROR_NOT_INITIALIZED`.
+static REFUSAL: AtomicU32 = AtomicU32::new(CUDA_SUCCESS);
+
+/// The code `cuInit` refused CUDA with, if it did.
+pub fn refusal() -> Option<CUresult> {
+    let code = REFUSAL.load(Ordering::Acquire);
+    (code != CUDA_SUCCESS).then_some(code)
+}
+
+fn refuse(code: CUresult) -> CUresult {
+    // The first refusal wins; a later one (another thread's cuInit) has the same cause.
+    let _ = REFUSAL.compare_exchange(CUDA_SUCCESS, code, Ordering::AcqRel, Ordering::Acquire);
+    refusal().unwrap_or(code)
+}
+
+/// What `cuInit` decides before the real driver is initialised: whether the limits allow CUDA
+/// at all. A refusal here leaves the real driver uninitialised, so calls the interposer
+/// forwards unchanged get `CUDA_ERROR_NOT_INITIALIZED` from the driver itself.
+pub fn admit() -> Result<(), CUresult> {
+    if let Some(code) = refusal() {
+        return Err(code);
+    }
+    let runtime = runtime().map_err(refuse)?;
+    if runtime.limits.gpu_uuids.is_empty() && runtime.limits.gpu_count == Some(0) {
+        log!(
+            Error,
+            "gpu_count=0 refusing CUDA: TF_GPU_COUNT=0 gives this container no GPU"
+        );
+        return Err(refuse(CUDA_ERROR_NO_DEVICE));
+    }
+    Ok(())
+}
 
 /// The container's limits and usage file, loaded once; an error code if this process may not
 /// use the GPU (logged once, at error level).
@@ -96,11 +129,19 @@ fn load_runtime() -> Result<Runtime, CUresult> {
         CUDA_ERROR_NOT_PERMITTED
     })?;
     if !limits.is_limited() && !limits.allow_unlimited {
+        let file = match &limits.limits_path {
+            Some(path) if path.exists() => format!(
+                "the limits file {} sets neither vram_limit nor tflops_limit",
+                path.display()
+            ),
+            Some(path) => format!("there is no limits file {}", path.display()),
+            None => "TF_POD_DIR is not set, so there is no limits file".to_owned(),
+        };
         log!(
             Error,
-            "limits_file={:?} refusing CUDA: nothing says what this process may use (no \
-             TF_VRAM_LIMIT/TF_TFLOPS_LIMIT, no limits file); set TF_INTERPOSER_ALLOW_UNLIMITED=1 \
-             to run unlimited",
+            "limits_file={:?} refusing CUDA: nothing says what this process may use ({file}, \
+             and neither TF_VRAM_LIMIT nor TF_TFLOPS_LIMIT is set); set \
+             TF_INTERPOSER_ALLOW_UNLIMITED=1 to run unlimited",
             limits.limits_path
         );
         return Err(CUDA_ERROR_NOT_PERMITTED);
@@ -149,18 +190,19 @@ pub fn active() -> Option<&'static Active> {
     ACTIVE.get()
 }
 
-/// Called after the real `cuInit` succeeded: loads the limits and builds the device view.
+/// Called after [`admit`] and the real `cuInit` succeeded: builds the device view. A refusal
+/// (an assigned GPU not on the node) sticks, like one from [`admit`].
 pub fn activate() -> CUresult {
     if ACTIVE.get().is_some() {
         return CUDA_SUCCESS;
     }
     let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(code) => return code,
+        Err(code) => return refuse(code),
     };
     let devices = match device_view(&runtime.limits) {
         Ok(devices) => devices,
-        Err(code) => return code,
+        Err(code) => return refuse(code),
     };
     // Losing a race to another thread's cuInit leaves that thread's identical view in place.
     let _ = ACTIVE.set(Active {
