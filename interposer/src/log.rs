@@ -6,7 +6,7 @@
 //! code with no subscriber and no allocation unless a line is printed. Lines read
 //! `tensor-fusion-interposer WARN pid=42 key=value ... message`, fields first.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u8)]
@@ -101,3 +101,40 @@ macro_rules! log {
     };
 }
 pub(crate) use log;
+
+/// At most one line a minute for an event that can repeat in a hot loop (an allocation refused
+/// while a program probes for the largest block that fits): the first occurrence and then one a
+/// minute log at their level, with how many were left out since; the rest only at debug.
+pub struct EveryMinute {
+    /// Coarse monotonic time of the last line printed at full level; 0 = none yet.
+    last_ns: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl EveryMinute {
+    const PERIOD_NS: u64 = 60_000_000_000;
+
+    pub const fn new() -> Self {
+        Self {
+            last_ns: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(left out since the last line)` when this occurrence gets its full-level line.
+    pub fn admit(&self) -> Option<u64> {
+        let now = tensor_fusion_interposer_core::limiter::monotonic_coarse_ns().max(1);
+        let last = self.last_ns.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= Self::PERIOD_NS;
+        if due
+            && self
+                .last_ns
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}

@@ -21,7 +21,7 @@ use crate::cuda::{
     CUresult, CUstream, HOST_ALLOC_PORTABLE_MAPPED, MEM_LOCATION_DEVICE, call_real, read_out,
     write_out,
 };
-use crate::log::log;
+use crate::log::{EveryMinute, log};
 use crate::runtime::{Active, Allocation, PendingHostFree, Placement, lock};
 
 /// Row alignment assumed when charging `cuMemAllocPitch_v2` before the driver says the pitch.
@@ -52,7 +52,16 @@ fn capturing(stream: CUstream) -> Result<bool, CUresult> {
 }
 
 fn refuse(error: &UsageError, door: &str) -> CUresult {
-    log!(Info, "door={door} reason=\"{error}\" allocation refused");
+    // A program may probe for out-of-memory in a loop: one line a minute at info.
+    static REFUSALS: EveryMinute = EveryMinute::new();
+    match REFUSALS.admit() {
+        Some(left_out) => log!(
+            Info,
+            "door={door} reason=\"{error}\" refusals_left_out={left_out} allocation refused \
+             (more within a minute log at debug)"
+        ),
+        None => log!(Debug, "door={door} reason=\"{error}\" allocation refused"),
+    }
     CUDA_ERROR_OUT_OF_MEMORY
 }
 
@@ -142,7 +151,15 @@ fn spill_alloc(
         return None;
     }
     if let Err(error) = usage.reserve(device, bytes as u64, MemoryKind::Spill) {
-        log!(Info, "door={door} reason=\"{error}\" spill refused");
+        static SPILL_REFUSALS: EveryMinute = EveryMinute::new();
+        match SPILL_REFUSALS.admit() {
+            Some(left_out) => log!(
+                Info,
+                "door={door} reason=\"{error}\" refusals_left_out={left_out} spill refused \
+                 (more within a minute log at debug)"
+            ),
+            None => log!(Debug, "door={door} reason=\"{error}\" spill refused"),
+        }
         return None;
     }
     let mut host: *mut c_void = std::ptr::null_mut();

@@ -402,3 +402,179 @@ fn the_mock_answers_errors_like_the_driver_and_the_interposer_keeps_them() {
     check_error_codes(&pod().run_without_interposer("exports", ERROR_SESSION));
     check_error_codes(&pod().run("procaddr:12080:0", ERROR_SESSION));
 }
+
+/// Every kind of call a program makes after `cuInit`, and `cuInit` again.
+const AFTER_INIT: &[&str] = &[
+    "init",
+    "count",
+    "device:0",
+    "ctx:0",
+    "meminfo",
+    "totalmem:0",
+    "alloc:1024",
+    "launch:1:1:1",
+    "stream",
+    "init",
+];
+
+/// After `cuInit` refused with `code`, no path reaches a device: `cuInit` repeats the refusal,
+/// every hooked call says `CUDA_ERROR_NOT_INITIALIZED`, and so does the driver itself for calls
+/// the interposer forwards (`cuStreamCreate`) unless the refusal came after the driver was
+/// initialised (then it has no context: `CUDA_ERROR_INVALID_CONTEXT`).
+fn check_refused(pod: &Pod, vias: &[&str], code: u64, driver_initialised: bool, logged: &str) {
+    for via in vias {
+        let report = pod.run(via, AFTER_INIT);
+        assert_eq!(
+            report.all("init", "result"),
+            [code.to_string(), code.to_string()],
+            "{via}: {report:?}"
+        );
+        for op in [
+            "count",
+            "device:0",
+            "ctx:0",
+            "meminfo",
+            "totalmem:0",
+            "alloc:1024",
+            "launch:1:1:1",
+        ] {
+            assert_eq!(
+                report.number(op, "result"),
+                3,
+                "{via} {op}: CUDA_ERROR_NOT_INITIALIZED\n{report:?}"
+            );
+        }
+        assert_eq!(
+            report.get("count", "value"),
+            "-1",
+            "{via}: the probe's initial value, not written"
+        );
+        assert_eq!(
+            report.number("stream", "result"),
+            if driver_initialised { 201 } else { 3 },
+            "{via}: a forwarded call"
+        );
+        assert!(report.stderr.contains(logged), "{via}: {}", report.stderr);
+    }
+}
+
+const ALL_PATHS: &[&str] = &["exports", "dlsym", "procaddr:12080:0", "procaddr1:11040:0"];
+
+#[test]
+fn no_limits_fail_every_later_call_on_every_path() {
+    check_refused(
+        &Pod::unlimited(),
+        ALL_PATHS,
+        800,
+        false,
+        "refusing CUDA: nothing says what this process may use (there is no limits file",
+    );
+}
+
+#[test]
+fn a_limits_file_with_only_unknown_keys_says_so() {
+    check_refused(
+        &Pod::with_file("version=1\nfuture_key=1\n"),
+        &["exports"],
+        800,
+        false,
+        "main.limits sets neither vram_limit nor tflops_limit, and neither TF_VRAM_LIMIT nor \
+         TF_TFLOPS_LIMIT is set",
+    );
+}
+
+#[test]
+fn malformed_limits_fail_every_later_call() {
+    let cases = [
+        (
+            "version=2\nvram_limit=1\n",
+            "unsupported limits file version",
+        ),
+        ("vram_limit=1\n", "missing version line in limits file"),
+        ("version=1\nvram_limit=1e9\n", "vram_limit = \"1e9\""),
+        ("version=1\nvram_limit=-5\n", "vram_limit = \"-5\""),
+        (
+            "version=1\nvram_limit=99999999999999999999\n",
+            "vram_limit = \"99999999999999999999\"",
+        ),
+        (
+            "version=1\nvram_limit=18446744073709551615\n",
+            "vram_limit = \"18446744073709551615\" (a whole number of bytes, at most",
+        ),
+        (
+            "version=1\ntflops_limit=0\n",
+            "tflops_limit = \"0\" (a positive decimal number)",
+        ),
+        (
+            "version=1\nvram_limit=1\nvram_limit=2\n",
+            "line 3: vram_limit (first set on line 2)",
+        ),
+        (
+            "version=1\nvram_limit 1\n",
+            "malformed line 2 in limits file",
+        ),
+    ];
+    for (file, logged) in cases {
+        let vias: &[&str] = if file.starts_with("version=2") {
+            ALL_PATHS
+        } else {
+            &["exports"]
+        };
+        check_refused(&Pod::with_file(file), vias, 800, false, logged);
+    }
+}
+
+#[test]
+fn an_assigned_gpu_missing_from_the_node_fails_every_later_call() {
+    let pod =
+        Pod::with_limits("gpu_uuids=GPU-00000000-0000-0000-0000-000000000000\nvram_limit=1\n");
+    check_refused(
+        &pod,
+        ALL_PATHS,
+        100,
+        true,
+        "an assigned GPU is not on this node",
+    );
+}
+
+#[test]
+fn a_gpu_assigned_twice_is_refused() {
+    let uuid = mock_uuid(1);
+    let pod = Pod::with_limits(&format!("gpu_uuids={uuid},{uuid}\nvram_limit=1\n"));
+    check_refused(
+        &pod,
+        &["exports"],
+        800,
+        false,
+        &format!("gpu_uuids = \"{uuid},{uuid}\" ({uuid} is listed twice)"),
+    );
+}
+
+#[test]
+fn a_gpu_count_of_zero_is_no_device() {
+    let pod = Pod::unlimited()
+        .env("TF_VRAM_LIMIT", "1048576")
+        .env("TF_GPU_COUNT", "0");
+    check_refused(
+        &pod,
+        &["exports", "procaddr:12080:0"],
+        100,
+        false,
+        "gpu_count=0 refusing CUDA: TF_GPU_COUNT=0 gives this container no GPU",
+    );
+}
+
+#[test]
+fn a_program_probing_for_out_of_memory_logs_one_info_line() {
+    let pod = Pod::with_limits(&format!("vram_limit={MIB}\n"));
+    let mut ops = vec!["init", "ctx:0"];
+    ops.extend(std::iter::repeat_n("alloc:2097152", 50));
+    let report = pod.run("exports", &ops);
+    assert_eq!(report.all("alloc:2097152", "result"), vec!["2"; 50]);
+    let info_lines = report
+        .stderr
+        .lines()
+        .filter(|line| line.contains(" INFO ") && line.contains("allocation refused"))
+        .count();
+    assert_eq!(info_lines, 1, "{}", report.stderr);
+}

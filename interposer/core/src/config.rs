@@ -3,7 +3,8 @@
 //!
 //! The node agent writes `<pod dir>/<container>.limits` (on the host
 //! `/run/tensor-fusion/pods/<pod-uid>/<container>.limits`), one `key=value` per line, `#`
-//! starts a comment, unknown keys are ignored so the agent can add fields first. A value in
+//! starts a comment, unknown keys are ignored so the agent can add fields first; a missing
+//! `version`, a line without `=` or a key given twice make the file invalid. A value in
 //! the file wins over the environment (the agent knows the assignment; the webhook only knew the
 //! annotations); a missing request falls back to the limit. `docs/interposer.md` is the
 //! reference for the format.
@@ -39,7 +40,32 @@ pub enum ConfigError {
     UnsupportedVersion { path: String, version: String },
     #[error("failed to read limits file {path}: {reason}")]
     Unreadable { path: String, reason: String },
+    #[error("missing version line in limits file {path} (expected version=1)")]
+    MissingVersion { path: String },
+    #[error("malformed line {line} in limits file {path}: {text:?} (expected key=value)")]
+    MalformedLine {
+        path: String,
+        line: usize,
+        text: String,
+    },
+    #[error("duplicate key in limits file {path} line {line}: {key} (first set on line {first})")]
+    DuplicateKey {
+        path: String,
+        line: usize,
+        key: String,
+        first: usize,
+    },
+    #[error("invalid value in {source_name}: gpu_uuids = {value:?} ({uuid} is listed twice)")]
+    DuplicateGpu {
+        source_name: String,
+        value: String,
+        uuid: String,
+    },
 }
+
+/// The largest byte count a limit may name: 1 PiB, far above any GPU, and far below `u64::MAX`,
+/// which the usage file reads as "no limit".
+pub const MAX_BYTES: u64 = 1 << 50;
 
 /// Everything the interposer enforces for one container; per GPU where it says so.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -105,13 +131,13 @@ impl ContainerLimits {
                 .map(|value| parse_f64(source, "TF_TFLOPS_REQUEST", &value))
                 .transpose()?,
             tflops_limit: get("TF_TFLOPS_LIMIT")
-                .map(|value| parse_f64(source, "TF_TFLOPS_LIMIT", &value))
+                .map(|value| parse_positive_f64(source, "TF_TFLOPS_LIMIT", &value))
                 .transpose()?,
             vram_request: get("TF_VRAM_REQUEST")
-                .map(|value| parse_u64(source, "TF_VRAM_REQUEST", &value))
+                .map(|value| parse_bytes(source, "TF_VRAM_REQUEST", &value))
                 .transpose()?,
             vram_limit: get("TF_VRAM_LIMIT")
-                .map(|value| parse_u64(source, "TF_VRAM_LIMIT", &value))
+                .map(|value| parse_bytes(source, "TF_VRAM_LIMIT", &value))
                 .transpose()?,
             allow_unlimited: get(ENV_ALLOW_UNLIMITED).is_some_and(|value| value.trim() == "1"),
             ..Self::default()
@@ -128,32 +154,31 @@ impl ContainerLimits {
     /// Overlays the contents of a limits file.
     pub fn apply_file(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let source = path.display().to_string();
-        let entries = parse_entries(text);
-        if let Some(version) = entries.get("version")
-            && version.trim() != LIMITS_FORMAT_VERSION.to_string()
-        {
-            return Err(ConfigError::UnsupportedVersion {
-                path: source,
-                version: version.clone(),
-            });
+        let entries = parse_entries(&source, text)?;
+        match entries.get("version") {
+            None => return Err(ConfigError::MissingVersion { path: source }),
+            Some((version, _)) if *version != LIMITS_FORMAT_VERSION.to_string() => {
+                return Err(ConfigError::UnsupportedVersion {
+                    path: source,
+                    version: version.clone(),
+                });
+            }
+            Some(_) => {}
         }
-        for (key, value) in &entries {
+        for (key, (value, _)) in &entries {
             match key.as_str() {
-                "gpu_uuids" => {
-                    self.gpu_uuids = value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|uuid| !uuid.is_empty())
-                        .map(str::to_owned)
-                        .collect();
-                }
+                "gpu_uuids" => self.gpu_uuids = parse_gpu_uuids(&source, value)?,
                 "tflops_request" => self.tflops_request = Some(parse_f64(&source, key, value)?),
-                "tflops_limit" => self.tflops_limit = Some(parse_f64(&source, key, value)?),
+                "tflops_limit" => {
+                    self.tflops_limit = Some(parse_positive_f64(&source, key, value)?);
+                }
                 "gpu_tflops" => self.gpu_tflops = Some(parse_f64(&source, key, value)?),
-                "vram_request" => self.vram_request = Some(parse_u64(&source, key, value)?),
-                "vram_limit" => self.vram_limit = Some(parse_u64(&source, key, value)?),
-                "spill_quota" => self.spill_quota = parse_u64(&source, key, value)?,
-                "refill_rate" => self.refill_rate = Some(parse_f64(&source, key, value)?),
+                "vram_request" => self.vram_request = Some(parse_bytes(&source, key, value)?),
+                "vram_limit" => self.vram_limit = Some(parse_bytes(&source, key, value)?),
+                "spill_quota" => self.spill_quota = parse_bytes(&source, key, value)?,
+                "refill_rate" => {
+                    self.refill_rate = Some(parse_positive_f64(&source, key, value)?);
+                }
                 "burst_seconds" => self.burst_seconds = Some(parse_f64(&source, key, value)?),
                 _ => {}
             }
@@ -225,12 +250,55 @@ pub fn usage_file_path(pod_dir: &Path, container: &str) -> PathBuf {
     pod_dir.join(format!("{container}.shm"))
 }
 
-fn parse_entries(text: &str) -> HashMap<String, String> {
-    text.lines()
-        .map(|line| line.split('#').next().unwrap_or_default().trim())
-        .filter_map(|line| line.split_once('='))
-        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
-        .collect()
+/// `key -> (value, line number)`; a line without `=` or a key given twice is an error naming
+/// the line.
+fn parse_entries(path: &str, text: &str) -> Result<HashMap<String, (String, usize)>, ConfigError> {
+    let mut entries: HashMap<String, (String, usize)> = HashMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line = index + 1;
+        let content = raw.split('#').next().unwrap_or_default().trim();
+        if content.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = content.split_once('=') else {
+            return Err(ConfigError::MalformedLine {
+                path: path.to_owned(),
+                line,
+                text: raw.to_owned(),
+            });
+        };
+        let key = key.trim().to_owned();
+        if let Some((_, first)) = entries.get(&key) {
+            return Err(ConfigError::DuplicateKey {
+                path: path.to_owned(),
+                line,
+                key,
+                first: *first,
+            });
+        }
+        entries.insert(key, (value.trim().to_owned(), line));
+    }
+    Ok(entries)
+}
+
+/// `GPU-a,GPU-b`: each UUID at most once (compared as the driver's UUIDs are, ignoring case).
+fn parse_gpu_uuids(source: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let mut uuids: Vec<String> = Vec::new();
+    for uuid in value
+        .split(',')
+        .map(str::trim)
+        .filter(|uuid| !uuid.is_empty())
+    {
+        if uuids.iter().any(|seen| seen.eq_ignore_ascii_case(uuid)) {
+            return Err(ConfigError::DuplicateGpu {
+                source_name: source.to_owned(),
+                value: value.to_owned(),
+                uuid: uuid.to_owned(),
+            });
+        }
+        uuids.push(uuid.to_owned());
+    }
+    Ok(uuids)
 }
 
 fn invalid(source: &str, key: &str, value: &str, expected: &'static str) -> ConfigError {
@@ -242,11 +310,20 @@ fn invalid(source: &str, key: &str, value: &str, expected: &'static str) -> Conf
     }
 }
 
-fn parse_u64(source: &str, key: &str, value: &str) -> Result<u64, ConfigError> {
+fn parse_bytes(source: &str, key: &str, value: &str) -> Result<u64, ConfigError> {
     value
         .trim()
         .parse()
-        .map_err(|_| invalid(source, key, value, "a whole number of bytes"))
+        .ok()
+        .filter(|bytes| *bytes <= MAX_BYTES)
+        .ok_or_else(|| {
+            invalid(
+                source,
+                key,
+                value,
+                "a whole number of bytes, at most 1125899906842624 (1 PiB)",
+            )
+        })
 }
 
 fn parse_u32(source: &str, key: &str, value: &str) -> Result<u32, ConfigError> {
@@ -254,6 +331,15 @@ fn parse_u32(source: &str, key: &str, value: &str) -> Result<u32, ConfigError> {
         .trim()
         .parse()
         .map_err(|_| invalid(source, key, value, "a positive whole number"))
+}
+
+fn parse_positive_f64(source: &str, key: &str, value: &str) -> Result<f64, ConfigError> {
+    value
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|number| number.is_finite() && *number > 0.0)
+        .ok_or_else(|| invalid(source, key, value, "a positive decimal number"))
 }
 
 fn parse_f64(source: &str, key: &str, value: &str) -> Result<f64, ConfigError> {
@@ -365,7 +451,8 @@ mod tests {
         let error = ContainerLimits::load(env_of(&[("TF_VRAM_LIMIT", "3Gi")])).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "invalid value in the environment: TF_VRAM_LIMIT = \"3Gi\" (a whole number of bytes)"
+            "invalid value in the environment: TF_VRAM_LIMIT = \"3Gi\" (a whole number of bytes, at \
+             most 1125899906842624 (1 PiB))"
         );
         let mut limits = ContainerLimits::default();
         let error = limits
@@ -374,6 +461,76 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "unsupported limits file version in /p/c.limits: \"2\" (this interposer reads 1)"
+        );
+    }
+
+    fn file_error(text: &str) -> String {
+        let mut limits = ContainerLimits::default();
+        limits
+            .apply_file(Path::new("/p/c.limits"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_file_without_version_with_a_bare_line_or_a_repeated_key_is_refused_by_line() {
+        assert_eq!(
+            file_error("vram_limit=1024\n"),
+            "missing version line in limits file /p/c.limits (expected version=1)"
+        );
+        assert_eq!(
+            file_error("version=1\n\nvram_limit 1024\n"),
+            "malformed line 3 in limits file /p/c.limits: \"vram_limit 1024\" (expected key=value)"
+        );
+        assert_eq!(
+            file_error("version=1\nvram_limit=1024\n# again\nvram_limit=2048\n"),
+            "duplicate key in limits file /p/c.limits line 4: vram_limit (first set on line 2)"
+        );
+    }
+
+    #[test]
+    fn a_gpu_listed_twice_is_refused() {
+        assert_eq!(
+            file_error("version=1\ngpu_uuids=GPU-a,GPU-b,gpu-A\nvram_limit=1\n"),
+            "invalid value in /p/c.limits: gpu_uuids = \"GPU-a,GPU-b,gpu-A\" (gpu-A is listed twice)"
+        );
+    }
+
+    #[test]
+    fn byte_counts_past_one_pib_are_refused_not_read_as_unlimited() {
+        for value in ["18446744073709551615", "1125899906842625"] {
+            assert_eq!(
+                file_error(&format!("version=1\nvram_limit={value}\n")),
+                format!(
+                    "invalid value in /p/c.limits: vram_limit = \"{value}\" (a whole number of \
+                     bytes, at most 1125899906842624 (1 PiB))"
+                )
+            );
+        }
+        let error = ContainerLimits::load(env_of(&[("TF_VRAM_LIMIT", "18446744073709551615")]))
+            .unwrap_err();
+        assert!(matches!(error, ConfigError::InvalidValue { .. }), "{error}");
+        let mut limits = ContainerLimits::default();
+        limits
+            .apply_file(Path::new("x"), "version=1\nvram_limit=1125899906842624\n")
+            .unwrap();
+        assert_eq!(limits.vram_limit, Some(MAX_BYTES));
+    }
+
+    #[test]
+    fn a_zero_tflops_limit_or_refill_rate_is_refused() {
+        assert_eq!(
+            file_error("version=1\ntflops_limit=0\n"),
+            "invalid value in /p/c.limits: tflops_limit = \"0\" (a positive decimal number)"
+        );
+        assert_eq!(
+            file_error("version=1\ntflops_limit=10\nrefill_rate=0\n"),
+            "invalid value in /p/c.limits: refill_rate = \"0\" (a positive decimal number)"
+        );
+        let error = ContainerLimits::load(env_of(&[("TF_TFLOPS_LIMIT", "0")])).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid value in the environment: TF_TFLOPS_LIMIT = \"0\" (a positive decimal number)"
         );
     }
 

@@ -117,6 +117,13 @@ impl Pod {
         }
     }
 
+    /// A pod whose container `main` has exactly `text` as its limits file.
+    pub fn with_file(text: &str) -> Self {
+        let pod = Self::unlimited();
+        std::fs::write(pod.dir.path().join("main.limits"), text).expect("writing the limits file");
+        pod
+    }
+
     /// A pod directory with no limits file and no limit variables.
     pub fn unlimited() -> Self {
         let dir = tempfile::tempdir().expect("temporary pod directory");
