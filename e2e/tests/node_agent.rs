@@ -273,8 +273,9 @@ async fn shared_pods_get_gpus_within_capacity_and_a_misfit_gets_an_event() -> an
             limits.contains("tflops_limit=200\ngpu_tflops=989\n"),
             "{limits}"
         );
+        // No host-backed VRAM on these nodes: the limit is the device ceiling, nothing spills.
         assert!(
-            limits.contains(&format!("vram_limit={}\n", 10 * GIB)),
+            limits.contains(&format!("vram_limit={}\nspill_quota=0\n", 10 * GIB)),
             "{limits}"
         );
         assert_eq!(

@@ -206,19 +206,28 @@ pub fn pod_dir(host_root: &Path, uid: &str) -> PathBuf {
 }
 
 /// What the limits file of one container says, given the pod's grant.
+///
+/// The interposer reads `vram_limit` as the ceiling on the device and `spill_quota` as host
+/// memory it may add past that ceiling. So on a node with host-backed VRAM the device ceiling is
+/// the request (the part backed by physical VRAM) and the spill quota the rest up to the limit:
+/// device plus host never exceed the limit. Without host backing the limit is the device ceiling
+/// and nothing spills.
 pub fn container_limits(
     container: &ContainerSpec,
     grant: &Grant,
     gpu_tflops: Option<f64>,
     host_backed_vram: bool,
 ) -> ContainerLimits {
-    let spill_quota = match (
+    let (vram_limit, spill_quota) = match (
         host_backed_vram,
         container.vram_limit,
         container.vram_request,
     ) {
-        (true, Some(limit), Some(request)) => limit.saturating_sub(request),
-        _ => 0,
+        (true, Some(limit), Some(request)) => {
+            let on_device = request.min(limit);
+            (Some(on_device), limit - on_device)
+        }
+        (_, limit, _) => (limit, 0),
     };
     ContainerLimits {
         gpu_uuids: grant
@@ -232,7 +241,7 @@ pub fn container_limits(
         tflops_limit: container.tflops_limit,
         gpu_tflops: gpu_tflops.filter(|tflops| *tflops > 0.0),
         vram_request: container.vram_request,
-        vram_limit: container.vram_limit,
+        vram_limit,
         spill_quota,
         ..ContainerLimits::default()
     }
@@ -331,7 +340,7 @@ mod tests {
             text,
             "# tensor-fusion container limits, read by the interposer at cuInit\nversion=1\n\
              gpu_uuids=GPU-a\ntflops_request=100\ntflops_limit=200\ngpu_tflops=989\n\
-             vram_request=3221225472\nvram_limit=4294967296\nspill_quota=1073741824\n"
+             vram_request=3221225472\nvram_limit=3221225472\nspill_quota=1073741824\n"
         );
         // The interposer's own parser reads it back.
         let mut limits = ContainerLimits::default();
@@ -339,10 +348,59 @@ mod tests {
             .apply_file(&dir.join("python.limits"), &text)
             .unwrap();
         assert_eq!(limits.gpu_uuids, ["GPU-a"]);
-        assert_eq!(limits.vram_limit, Some(4 << 30));
+        assert_eq!(limits.vram_limit, Some(3 << 30));
+        assert_eq!(limits.spill_quota, 1 << 30);
         remove_pod_dir(root.path(), "0c4e-uid").unwrap();
         assert!(!dir.exists());
         remove_pod_dir(root.path(), "0c4e-uid").unwrap();
+    }
+
+    /// The interposer lets a container hold `vram_limit` on the device plus `spill_quota` on
+    /// the host; together they must stay within the pod's VRAM limit.
+    #[test]
+    fn device_and_spill_together_stay_within_the_vram_limit() {
+        const MB: u64 = 1 << 20;
+        let container = ContainerSpec {
+            name: "python".into(),
+            gpu_count: 1,
+            tflops_request: None,
+            tflops_limit: None,
+            vram_request: Some(2 * MB),
+            vram_limit: Some(10 * MB),
+        };
+        let grant = Grant {
+            gpu_uuids: vec!["GPU-a".into()],
+            request: Resources::default(),
+            limit: Resources::default(),
+        };
+        let read_back = |host_backed_vram| {
+            let text = container_limits(&container, &grant, None, host_backed_vram).render_file();
+            let mut limits = ContainerLimits::default();
+            limits
+                .apply_file(Path::new("python.limits"), &text)
+                .unwrap();
+            (limits.vram_limit, limits.spill_quota)
+        };
+
+        // Host-backed: the request on the device, the burst above it on the host.
+        assert_eq!(read_back(true), (Some(2 * MB), 8 * MB));
+        // No host backing: the limit on the device, nothing spills.
+        assert_eq!(read_back(false), (Some(10 * MB), 0));
+
+        // A request above the limit never raises the device ceiling past the limit.
+        let inverted = ContainerSpec {
+            vram_request: Some(12 * MB),
+            ..container.clone()
+        };
+        let limits = container_limits(&inverted, &grant, None, true);
+        assert_eq!((limits.vram_limit, limits.spill_quota), (Some(10 * MB), 0));
+        // No VRAM limit: nothing to split.
+        let unlimited = ContainerSpec {
+            vram_limit: None,
+            ..container
+        };
+        let limits = container_limits(&unlimited, &grant, None, true);
+        assert_eq!((limits.vram_limit, limits.spill_quota), (None, 0));
     }
 
     #[test]
