@@ -104,16 +104,19 @@ impl AgentConfig {
         })
     }
 
+    /// Checks every value the agent would otherwise act on blindly; an error names the key and
+    /// the value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.is_empty() {
             return Err(ConfigError::Invalid(
                 "nodeName is empty (set --node-name or NODE_NAME)".to_owned(),
             ));
         }
+        finite("tflopsOversellRatio", self.tflops_oversell_ratio)?;
         if self.tflops_oversell_ratio < 100.0 {
             return Err(ConfigError::Invalid(format!(
                 "tflopsOversellRatio {} is below 100 (percent of physical TFLOPS)",
-                self.tflops_oversell_ratio
+                number(self.tflops_oversell_ratio)
             )));
         }
         for (name, value) in [
@@ -121,12 +124,33 @@ impl AgentConfig {
             ("vramExpandToHostDisk", self.vram_expand_to_host_disk),
             ("vramWeight", self.vram_weight),
             ("tflopsWeight", self.tflops_weight),
-            ("resyncSeconds", self.resync_seconds),
         ] {
-            if !(value.is_finite() && value >= 0.0) {
-                return Err(ConfigError::Invalid(format!("{name} {value} is negative")));
+            finite(name, value)?;
+            if value < 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} {} is negative",
+                    number(value)
+                )));
             }
         }
+        if self.max_worker_per_node == 0 {
+            return Err(ConfigError::Invalid(
+                "maxWorkerPerNode 0 is below 1 (no shared worker could run)".to_owned(),
+            ));
+        }
+        for (model, &tflops) in &self.gpu_tflops {
+            let name = format!("gpuTflops[{model:?}]");
+            finite(&name, tflops)?;
+            if tflops <= 0.0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} {} is not positive (TFLOPS of the model)",
+                    number(tflops)
+                )));
+            }
+        }
+        period("nativePollSeconds", self.native_poll_seconds, false)?;
+        period("steeringWindowSeconds", self.steering_window_seconds, true)?;
+        period("resyncSeconds", self.resync_seconds, true)?;
         Ok(())
     }
 
@@ -138,16 +162,80 @@ impl AgentConfig {
         }
     }
 
+    /// How often native GPU use is re-read.
     pub fn native_poll(&self) -> Duration {
-        Duration::from_secs_f64(self.native_poll_seconds.max(0.05))
+        seconds(self.native_poll_seconds)
     }
 
-    /// The resync period; `None` when `resyncSeconds` is 0. Capped at a day, so that a huge
-    /// value cannot overflow the timer.
-    pub fn resync_interval(&self) -> Option<Duration> {
-        (self.resync_seconds > 0.0)
-            .then(|| Duration::from_secs_f64(self.resync_seconds.clamp(0.05, 86_400.0)))
+    /// The steering window; `None` when `steeringWindowSeconds` is 0.
+    pub fn steering_window(&self) -> Option<Duration> {
+        (self.steering_window_seconds > 0.0).then(|| seconds(self.steering_window_seconds))
     }
+
+    /// The resync period; `None` when `resyncSeconds` is 0.
+    pub fn resync_interval(&self) -> Option<Duration> {
+        (self.resync_seconds > 0.0).then(|| seconds(self.resync_seconds))
+    }
+}
+
+/// The shortest and longest period a `...Seconds` key may set.
+pub const MIN_PERIOD_SECONDS: f64 = 0.1;
+pub const MAX_PERIOD_SECONDS: f64 = 86_400.0;
+
+/// A period in seconds as a timer duration, kept within the range [`AgentConfig::validate`]
+/// allows (a configuration built in code skips validation; a timer must never get 0 or an
+/// overflowing value).
+fn seconds(value: f64) -> Duration {
+    let value = if value.is_finite() {
+        value
+    } else {
+        MIN_PERIOD_SECONDS
+    };
+    Duration::from_secs_f64(value.clamp(MIN_PERIOD_SECONDS, MAX_PERIOD_SECONDS))
+}
+
+/// A number as a person would write it: `50`, `0.1`, `1e30`, `1e-12`, `NaN`.
+fn number(value: f64) -> String {
+    let magnitude = value.abs();
+    if value == 0.0 || !value.is_finite() || (1e-4..1e15).contains(&magnitude) {
+        value.to_string()
+    } else {
+        format!("{value:e}")
+    }
+}
+
+fn finite(name: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{name} {} is not a finite number",
+            number(value)
+        )))
+    }
+}
+
+/// A period key: finite, within [`MIN_PERIOD_SECONDS`, `MAX_PERIOD_SECONDS`], or 0 where 0 turns
+/// the task off.
+fn period(name: &str, value: f64, zero_is_off: bool) -> Result<(), ConfigError> {
+    finite(name, value)?;
+    if (zero_is_off && value == 0.0) || (MIN_PERIOD_SECONDS..=MAX_PERIOD_SECONDS).contains(&value) {
+        return Ok(());
+    }
+    let range = format!(
+        "{} to {} seconds",
+        number(MIN_PERIOD_SECONDS),
+        number(MAX_PERIOD_SECONDS)
+    );
+    let allowed = if zero_is_off {
+        format!("0 (off) or {range}")
+    } else {
+        range
+    };
+    Err(ConfigError::Invalid(format!(
+        "{name} {} is out of range ({allowed})",
+        number(value)
+    )))
 }
 
 #[cfg(test)]
@@ -169,5 +257,138 @@ mod tests {
         config.validate().unwrap();
         let typo = serde_json::from_str::<AgentConfig>(r#"{"tflopsOverselRatio": 3}"#);
         assert!(typo.unwrap_err().to_string().contains("unknown field"));
+    }
+
+    fn validate_json(keys: &str) -> Result<AgentConfig, String> {
+        let config: AgentConfig =
+            serde_json::from_str(&format!(r#"{{"nodeName": "gpu-1", {keys}}}"#)).unwrap();
+        config
+            .validate()
+            .map(|()| config)
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn values_that_would_crash_or_mislead_the_agent_are_refused_by_name() {
+        for (keys, error) in [
+            (
+                r#""nativePollSeconds": 1e30"#,
+                "nativePollSeconds 1e30 is out of range (0.1 to 86400 seconds)",
+            ),
+            (
+                r#""nativePollSeconds": 0"#,
+                "nativePollSeconds 0 is out of range (0.1 to 86400 seconds)",
+            ),
+            (
+                r#""steeringWindowSeconds": 1e30"#,
+                "steeringWindowSeconds 1e30 is out of range (0 (off) or 0.1 to 86400 seconds)",
+            ),
+            (
+                r#""steeringWindowSeconds": 1e-12"#,
+                "steeringWindowSeconds 1e-12 is out of range (0 (off) or 0.1 to 86400 seconds)",
+            ),
+            (
+                r#""resyncSeconds": 0.01"#,
+                "resyncSeconds 0.01 is out of range (0 (off) or 0.1 to 86400 seconds)",
+            ),
+            (
+                r#""resyncSeconds": -1"#,
+                "resyncSeconds -1 is out of range (0 (off) or 0.1 to 86400 seconds)",
+            ),
+            (
+                r#""gpuTflops": {"H100": 0}"#,
+                r#"gpuTflops["H100"] 0 is not positive (TFLOPS of the model)"#,
+            ),
+            (
+                r#""gpuTflops": {"L4": -121}"#,
+                r#"gpuTflops["L4"] -121 is not positive (TFLOPS of the model)"#,
+            ),
+            (
+                r#""maxWorkerPerNode": 0"#,
+                "maxWorkerPerNode 0 is below 1 (no shared worker could run)",
+            ),
+            (r#""vramWeight": -0.5"#, "vramWeight -0.5 is negative"),
+        ] {
+            assert_eq!(
+                validate_json(keys).unwrap_err(),
+                format!("invalid configuration: {error}"),
+                "{keys}"
+            );
+        }
+
+        // NaN and infinities cannot be written in JSON, but flags and code can set them.
+        for (config, error) in [
+            (
+                AgentConfig {
+                    tflops_oversell_ratio: f64::NAN,
+                    ..AgentConfig::default()
+                },
+                "tflopsOversellRatio NaN is not a finite number",
+            ),
+            (
+                AgentConfig {
+                    vram_expand_to_host_mem: f64::INFINITY,
+                    ..AgentConfig::default()
+                },
+                "vramExpandToHostMem inf is not a finite number",
+            ),
+            (
+                AgentConfig {
+                    tflops_weight: f64::NAN,
+                    ..AgentConfig::default()
+                },
+                "tflopsWeight NaN is not a finite number",
+            ),
+            (
+                AgentConfig {
+                    gpu_tflops: BTreeMap::from([("H100".to_owned(), f64::NAN)]),
+                    ..AgentConfig::default()
+                },
+                r#"gpuTflops["H100"] NaN is not a finite number"#,
+            ),
+            (
+                AgentConfig {
+                    native_poll_seconds: f64::NAN,
+                    ..AgentConfig::default()
+                },
+                "nativePollSeconds NaN is not a finite number",
+            ),
+            (
+                AgentConfig {
+                    steering_window_seconds: f64::INFINITY,
+                    ..AgentConfig::default()
+                },
+                "steeringWindowSeconds inf is not a finite number",
+            ),
+        ] {
+            let config = AgentConfig {
+                node_name: "gpu-1".to_owned(),
+                ..config
+            };
+            assert_eq!(
+                config.validate().unwrap_err().to_string(),
+                format!("invalid configuration: {error}")
+            );
+        }
+    }
+
+    #[test]
+    fn periods_at_the_edges_of_their_range_are_taken() {
+        let config = validate_json(
+            r#""nativePollSeconds": 0.1, "steeringWindowSeconds": 0, "resyncSeconds": 86400"#,
+        )
+        .unwrap();
+        assert_eq!(config.native_poll(), Duration::from_millis(100));
+        assert_eq!(config.steering_window(), None);
+        assert_eq!(config.resync_interval(), Some(Duration::from_secs(86_400)));
+
+        let config =
+            validate_json(r#""steeringWindowSeconds": 86400, "resyncSeconds": 0"#).unwrap();
+        assert_eq!(config.steering_window(), Some(Duration::from_secs(86_400)));
+        assert_eq!(config.resync_interval(), None);
+        assert_eq!(
+            AgentConfig::default().steering_window(),
+            Some(Duration::from_millis(100))
+        );
     }
 }

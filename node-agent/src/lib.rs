@@ -150,8 +150,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
                 .run_resync(std::sync::Arc::new(resync_nvml), period),
         );
     }
-    if config.steering_window_seconds > 0.0 {
-        tasks.spawn(steering::run(agent.clone(), nvml));
+    if let Some(window) = config.steering_window() {
+        tasks.spawn(steering::run(agent.clone(), nvml, window));
     }
     let app = server::router(agent);
     tasks.spawn(async move {
@@ -218,5 +218,42 @@ mod tests {
             invalid.config().unwrap_err().to_string(),
             "invalid configuration: tflopsOversellRatio 50 is below 100 (percent of physical TFLOPS)"
         );
+
+        for (flag, value, error) in [
+            (
+                "--resync-seconds",
+                "NaN",
+                "resyncSeconds NaN is not a finite number",
+            ),
+            (
+                "--resync-seconds",
+                "inf",
+                "resyncSeconds inf is not a finite number",
+            ),
+            (
+                "--tflops-oversell-ratio",
+                "NaN",
+                "tflopsOversellRatio NaN is not a finite number",
+            ),
+            (
+                "--max-worker-per-node",
+                "0",
+                "maxWorkerPerNode 0 is below 1 (no shared worker could run)",
+            ),
+        ] {
+            let options = Options::try_parse_from([
+                "tensor-fusion-node-agent",
+                "--config",
+                path.to_str().unwrap(),
+                flag,
+                value,
+            ])
+            .unwrap();
+            assert_eq!(
+                options.config().unwrap_err().to_string(),
+                format!("invalid configuration: {error}"),
+                "{flag} {value}"
+            );
+        }
     }
 }

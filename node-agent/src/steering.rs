@@ -410,9 +410,8 @@ impl SteeringLoop {
     }
 }
 
-/// Runs the loop until the process stops.
-pub async fn run(agent: Arc<Agent>, nvml: Nvml) {
-    let window = Duration::from_secs_f64(agent.config.steering_window_seconds);
+/// Runs the loop, one step per `window`, until the process stops.
+pub async fn run(agent: Arc<Agent>, nvml: Nvml, window: Duration) {
     let mut interval = tokio::time::interval(window);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = tokio::time::Instant::now();
