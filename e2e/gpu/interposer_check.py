@@ -10,8 +10,11 @@ container's limits file, the way the node agent would write it (docs/interposer.
    cudaMalloc path; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the VMM path; and
    backend:cudaMallocAsync, the stream-ordered path).
 2. spill: with a 4 GiB spill quota the same process holds 6 GiB, and a kernel reading the
-   spilled tensors computes the right answer (cudaMalloc path and cudaMallocAsync backend; the
-   latter also frees the spilled tensors with cudaFreeAsync and allocates again).
+   spilled tensors computes the right answer (cudaMalloc path, expandable segments, whose
+   handles past the limit are created in host memory, and the cudaMallocAsync backend, which
+   also frees the spilled tensors with cudaFreeAsync and allocates again). Managed memory
+   (cuMemAllocManaged through ctypes) past the limit spills too, its prefetch succeeds, and a
+   kernel reading it through a zero-copy tensor sums it right.
 3. compute: a matmul loop under a 30% share runs at 30% +- 5 points of its unlimited speed. The
    script plays the node agent's calibration step: it reads how many launch tokens per second the
    unlimited run used from the usage file and sets the refill rate to 30% of that.
@@ -155,6 +158,46 @@ def check_spill(allocator):
     return ok, result
 
 
+MANAGED_CODE = USAGE_READER + r"""
+import ctypes, json, torch
+torch.zeros(1, device="cuda")  # a context, as any PyTorch program has
+cuda = ctypes.CDLL("libcuda.so.1")
+size = 3 << 30
+pointer = ctypes.c_uint64(0)
+allocated = cuda.cuMemAllocManaged(ctypes.byref(pointer), ctypes.c_size_t(size), ctypes.c_uint(1))
+prefetched = -1
+total = -1
+if allocated == 0:
+    ctypes.memset(ctypes.c_void_p(pointer.value), 1, size)
+    prefetched = cuda.cuMemPrefetchAsync(
+        ctypes.c_uint64(pointer.value), ctypes.c_size_t(size), ctypes.c_int(0), ctypes.c_void_p(0))
+    class Managed:
+        __cuda_array_interface__ = {"shape": (size,), "typestr": "|u1",
+                                    "data": (pointer.value, False), "version": 3}
+    view = torch.as_tensor(Managed(), device="cuda")
+    total = int(view.sum(dtype=torch.int64).item())
+    del view
+spilled = spilled_bytes()
+freed = cuda.cuMemFree_v2(ctypes.c_uint64(pointer.value)) if allocated == 0 else -1
+print(json.dumps({"allocated": allocated, "prefetched": prefetched, "sum": total,
+                  "spilled_while_held": spilled, "freed": freed,
+                  "spilled_at_end": spilled_bytes()}))
+"""
+
+
+def check_managed_spill():
+    result, _ = child(MANAGED_CODE, {"vram_limit": 2 * GIB, "spill_quota": 4 * GIB})
+    ok = (
+        result["allocated"] == 0
+        and result["prefetched"] == 0
+        and result["sum"] == 3 * GIB
+        and result["spilled_while_held"] == 3 * GIB
+        and result["freed"] == 0
+        and result["spilled_at_end"] == 0
+    )
+    return ok, result
+
+
 MATMUL_CODE = r"""
 import json, time, torch
 a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
@@ -207,7 +250,10 @@ def main():
         ("vram limit 4 GiB (expandable segments / VMM path)", lambda: check_vram("expandable")),
         ("vram limit 4 GiB (cudaMallocAsync backend)", lambda: check_vram("async")),
         ("spill 2 GiB past a 4 GiB limit (cudaMalloc path)", lambda: check_spill("caching")),
+        ("spill 2 GiB past a 4 GiB limit (expandable segments / VMM path)",
+         lambda: check_spill("expandable")),
         ("spill 2 GiB past a 4 GiB limit (cudaMallocAsync backend)", lambda: check_spill("async")),
+        ("spill of 3 GiB managed memory past a 2 GiB limit", check_managed_spill),
         ("matmul at 30% share", check_compute),
     ]
     passed = failed = 0

@@ -36,8 +36,12 @@ pub const HOST_ALLOC_PORTABLE_MAPPED: c_uint = 0x01 | 0x02;
 pub const CU_STREAM_PER_THREAD: usize = 0x2;
 /// `CU_STREAM_CAPTURE_STATUS_NONE`.
 pub const CAPTURE_STATUS_NONE: c_int = 0;
-/// `CU_MEM_LOCATION_TYPE_DEVICE`.
+/// `CU_MEM_LOCATION_TYPE_DEVICE`, `_HOST` and `_HOST_NUMA`.
 pub const MEM_LOCATION_DEVICE: c_int = 1;
+pub const MEM_LOCATION_HOST: c_int = 2;
+pub const MEM_LOCATION_HOST_NUMA: c_int = 3;
+/// `CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID`: the host NUMA node closest to a device (-1: none).
+pub const DEVICE_ATTRIBUTE_HOST_NUMA_ID: c_int = 134;
 
 /// `CUuuid`.
 #[repr(C)]
@@ -46,13 +50,24 @@ pub struct CUuuid {
     pub bytes: [u8; 16],
 }
 
-/// The leading fields of `CUmemAllocationProp` (the struct is larger; only these are read).
+/// `CUmemLocation`.
 #[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CUmemLocation {
+    pub location_type: c_int,
+    pub id: c_int,
+}
+
+/// `CUmemAllocationProp` (64-bit Linux layout, 32 bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct CUmemAllocationProp {
     pub allocation_type: c_int,
     pub requested_handle_types: c_int,
-    pub location_type: c_int,
-    pub location_id: c_int,
+    pub location: CUmemLocation,
+    pub win32_handle_metadata: *mut c_void,
+    /// `allocFlags`: compressionType, gpuDirectRDMACapable, usage (2 bytes), reserved.
+    pub alloc_flags: [u8; 8],
 }
 
 /// `CUlaunchConfig`.
@@ -109,6 +124,7 @@ real_driver! {
     cuDeviceGetUuid: fn(*mut CUuuid, CUdevice);
     cuDeviceGetUuid_v2: fn(*mut CUuuid, CUdevice);
     cuDeviceGetByPCIBusId: fn(*mut CUdevice, *const c_char);
+    cuDeviceGetAttribute: fn(*mut c_int, c_int, CUdevice);
     cuDeviceTotalMem_v2: fn(*mut usize, CUdevice);
     cuCtxGetDevice: fn(*mut CUdevice);
     cuCtxPushCurrent_v2: fn(CUcontext);
@@ -129,6 +145,12 @@ real_driver! {
     cuMemFreeAsync_ptsz: fn(CUdeviceptr, CUstream);
     cuMemCreate: fn(*mut u64, usize, *const CUmemAllocationProp, u64);
     cuMemRelease: fn(u64);
+    cuMemPrefetchAsync: fn(CUdeviceptr, usize, CUdevice, CUstream);
+    cuMemPrefetchAsync_ptsz: fn(CUdeviceptr, usize, CUdevice, CUstream);
+    cuMemPrefetchAsync_v2: fn(CUdeviceptr, usize, CUmemLocation, c_uint, CUstream);
+    cuMemPrefetchAsync_v2_ptsz: fn(CUdeviceptr, usize, CUmemLocation, c_uint, CUstream);
+    cuMemAdvise: fn(CUdeviceptr, usize, c_int, CUdevice);
+    cuMemAdvise_v2: fn(CUdeviceptr, usize, c_int, CUmemLocation);
     cuMemHostAlloc: fn(*mut *mut c_void, usize, c_uint);
     cuMemHostGetDevicePointer_v2: fn(*mut CUdeviceptr, *mut c_void, c_uint);
     cuMemFreeHost: fn(*mut c_void);
@@ -208,11 +230,13 @@ pub fn write_out<T>(out: *mut T, value: T) {
     }
 }
 
-/// Reads a caller's out-pointer after the real driver filled it.
+/// Reads a caller's out-pointer after the real driver filled it, or a struct the caller passed
+/// in (`CUmemAllocationProp`).
 pub fn read_out<T: Copy>(out: *const T) -> Option<T> {
     if out.is_null() {
         return None;
     }
-    // SAFETY: non-null out-pointers that the real driver just wrote hold an initialised T.
+    // SAFETY: non-null out-pointers that the real driver just wrote, and non-null in-pointers
+    // the API requires to point at a filled struct, hold an initialised T.
     Some(unsafe { out.read() })
 }

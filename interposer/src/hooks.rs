@@ -28,8 +28,8 @@ use tensor_fusion_interposer_core::variants;
 use crate::cuda::{
     CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE,
     CUDA_ERROR_NOT_INITIALIZED, CUDA_ERROR_UNKNOWN, CUDA_SUCCESS, CUdevice, CUdeviceptr,
-    CUfunction, CUlaunchConfig, CUmemAllocationProp, CUresult, CUstream, CUuuid, c_name, call_real,
-    read_out, write_out,
+    CUfunction, CUlaunchConfig, CUmemAllocationProp, CUmemLocation, CUresult, CUstream, CUuuid,
+    c_name, call_real, read_out, write_out,
 };
 use crate::dlsym::lookup_real;
 use crate::guard::hooked;
@@ -159,7 +159,85 @@ export!(cuMemAllocPitch_v2(
 
 export!(cuMemAllocManaged(out: *mut CUdeviceptr, bytes: usize, flags: c_uint) => |active, real| {
     let order = Order::Immediate;
-    memory::charged_alloc(active, "cuMemAllocManaged", out, bytes, order, Spill::Never, real)
+    memory::charged_alloc(active, "cuMemAllocManaged", out, bytes, order, Spill::Managed, real)
+});
+
+// Prefetches and advice: a managed block the interposer served from pinned host memory stays
+// where it is (the GPU reads it through its mapping), so they succeed without the driver, which
+// refuses them on memory that is not managed. Everything else goes to the driver as is.
+
+export!(cuMemPrefetchAsync(
+    address: CUdeviceptr,
+    bytes: usize,
+    device: CUdevice,
+    stream: CUstream,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
+});
+
+export!(cuMemPrefetchAsync_ptsz(
+    address: CUdeviceptr,
+    bytes: usize,
+    device: CUdevice,
+    stream: CUstream,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
+});
+
+export!(cuMemPrefetchAsync_v2(
+    address: CUdeviceptr,
+    bytes: usize,
+    location: CUmemLocation,
+    flags: c_uint,
+    stream: CUstream,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
+});
+
+export!(cuMemPrefetchAsync_v2_ptsz(
+    address: CUdeviceptr,
+    bytes: usize,
+    location: CUmemLocation,
+    flags: c_uint,
+    stream: CUstream,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
+});
+
+export!(cuMemAdvise(
+    address: CUdeviceptr,
+    bytes: usize,
+    advice: c_int,
+    device: CUdevice,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
+});
+
+export!(cuMemAdvise_v2(
+    address: CUdeviceptr,
+    bytes: usize,
+    advice: c_int,
+    location: CUmemLocation,
+) => |active, real| {
+    if memory::in_spilled_managed(active, address, bytes) {
+        return CUDA_SUCCESS;
+    }
+    real()
 });
 
 export!(cuMemAllocAsync(out: *mut CUdeviceptr, bytes: usize, stream: CUstream) => |active, real| {
@@ -450,6 +528,12 @@ pub const HOOKED: &[&str] = &[
     "cuMemFreeAsync_ptsz",
     "cuMemCreate",
     "cuMemRelease",
+    "cuMemPrefetchAsync",
+    "cuMemPrefetchAsync_ptsz",
+    "cuMemPrefetchAsync_v2",
+    "cuMemPrefetchAsync_v2_ptsz",
+    "cuMemAdvise",
+    "cuMemAdvise_v2",
     "cuLaunchKernel",
     "cuLaunchKernel_ptsz",
     "cuLaunchKernelEx",
@@ -485,6 +569,12 @@ pub fn hook_address(name: &[u8]) -> Option<usize> {
         b"cuMemFreeAsync_ptsz" => cuMemFreeAsync_ptsz as *const (),
         b"cuMemCreate" => cuMemCreate as *const (),
         b"cuMemRelease" => cuMemRelease as *const (),
+        b"cuMemPrefetchAsync" => cuMemPrefetchAsync as *const (),
+        b"cuMemPrefetchAsync_ptsz" => cuMemPrefetchAsync_ptsz as *const (),
+        b"cuMemPrefetchAsync_v2" => cuMemPrefetchAsync_v2 as *const (),
+        b"cuMemPrefetchAsync_v2_ptsz" => cuMemPrefetchAsync_v2_ptsz as *const (),
+        b"cuMemAdvise" => cuMemAdvise as *const (),
+        b"cuMemAdvise_v2" => cuMemAdvise_v2 as *const (),
         b"cuLaunchKernel" => cuLaunchKernel as *const (),
         b"cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as *const (),
         b"cuLaunchKernelEx" => cuLaunchKernelEx as *const (),

@@ -1,13 +1,16 @@
 //! VRAM: every allocation door charges the container's usage file before the real driver runs,
 //! so concurrent allocations in any process of the container can never pass the limit together;
 //! frees return the charge to the device the memory came from. Past the limit (or when the
-//! driver itself is out of memory) `cuMemAlloc_v2`, `cuMemAllocPitch_v2`, `cuMemAllocAsync` and
-//! `cuMemAllocFromPoolAsync` fall back to pinned host memory mapped into the device address
-//! space, up to the spill quota (the stream-ordered doors not while their stream is being
-//! captured into a graph). A spilled block freed with `cuMemFreeAsync` is handed back to the host
-//! only once its stream has reached the free: a host function queued behind the free sets a
-//! flag (it may not call CUDA itself), and the next allocation, free or memory query of any
-//! thread frees the flagged blocks.
+//! driver itself is out of memory) every door falls back to host memory mapped into the device
+//! address space, up to the spill quota: `cuMemAlloc_v2`, `cuMemAllocPitch_v2`,
+//! `cuMemAllocManaged`, `cuMemAllocAsync` and `cuMemAllocFromPoolAsync` to pinned host memory
+//! (the stream-ordered doors not while their stream is being captured into a graph), and
+//! `cuMemCreate` to a handle in host memory that the program maps as it would device memory.
+//! Prefetches and advice on a spilled managed block succeed without reaching the driver. A
+//! spilled block freed with `cuMemFreeAsync` is handed back to the host only once its stream
+//! has reached the free: a host function queued behind the free sets a flag (it may not call
+//! CUDA itself), and the next allocation, free or memory query of any thread frees the flagged
+//! blocks.
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::Arc;
@@ -16,10 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tensor_fusion_interposer_core::shm::{MemoryKind, UsageError, UsageFile};
 
 use crate::cuda::{
-    CAPTURE_STATUS_NONE, CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_OUT_OF_MEMORY,
-    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, CUDA_SUCCESS, CUdeviceptr, CUmemAllocationProp,
-    CUresult, CUstream, HOST_ALLOC_PORTABLE_MAPPED, MEM_LOCATION_DEVICE, call_real, read_out,
-    write_out,
+    CAPTURE_STATUS_NONE, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE,
+    CUDA_ERROR_OUT_OF_MEMORY, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, CUDA_SUCCESS, CUdevice,
+    CUdeviceptr, CUmemAllocationProp, CUmemLocation, CUresult, CUstream,
+    DEVICE_ATTRIBUTE_HOST_NUMA_ID, HOST_ALLOC_PORTABLE_MAPPED, MEM_LOCATION_DEVICE,
+    MEM_LOCATION_HOST, MEM_LOCATION_HOST_NUMA, call_real, read_out, write_out,
 };
 use crate::log::{EveryMinute, log};
 use crate::runtime::{Active, Allocation, PendingHostFree, Placement, lock};
@@ -31,7 +35,9 @@ const PITCH_ALIGN_GUESS: usize = 512;
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Spill {
     Allowed,
-    Never,
+    /// `cuMemAllocManaged`: allowed, and the block is remembered so that prefetches and advice
+    /// on it succeed.
+    Managed,
 }
 
 /// When an allocation or free takes effect: at the call, or in the order of a stream (the
@@ -91,7 +97,7 @@ pub fn charged_alloc(
     let spill = match (spill, order) {
         (Spill::Allowed, Order::Stream(stream)) => SpillTo::UnlessCapturing(stream),
         (Spill::Allowed, Order::Immediate) => SpillTo::Host,
-        (Spill::Never, _) => SpillTo::Nowhere,
+        (Spill::Managed, _) => SpillTo::HostManaged,
     };
     let usage = &active.runtime.usage;
     match usage.reserve(device, bytes as u64, MemoryKind::Device) {
@@ -104,12 +110,12 @@ pub fn charged_alloc(
                 return result;
             }
             usage.release(device, bytes as u64, MemoryKind::Device);
-            if result == CUDA_ERROR_OUT_OF_MEMORY && spill != SpillTo::Nowhere {
+            if result == CUDA_ERROR_OUT_OF_MEMORY {
                 return spill_alloc(active, door, device, out, bytes, spill).unwrap_or(result);
             }
             result
         }
-        Err(error @ UsageError::OverLimit { .. }) if spill != SpillTo::Nowhere => {
+        Err(error @ UsageError::OverLimit { .. }) => {
             spill_alloc(active, door, device, out, bytes, spill)
                 .unwrap_or_else(|| refuse(&error, door))
         }
@@ -120,8 +126,9 @@ pub fn charged_alloc(
 /// Where an allocation past the limit may go.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SpillTo {
-    Nowhere,
     Host,
+    /// Host memory standing in for managed memory (remembered for prefetches and advice).
+    HostManaged,
     /// Host memory, unless the stream is being captured: a captured allocation must be a graph
     /// allocation, which the graph's own free node will free.
     UnlessCapturing(CUstream),
@@ -150,16 +157,7 @@ fn spill_alloc(
         );
         return None;
     }
-    if let Err(error) = usage.reserve(device, bytes as u64, MemoryKind::Spill) {
-        static SPILL_REFUSALS: EveryMinute = EveryMinute::new();
-        match SPILL_REFUSALS.admit() {
-            Some(left_out) => log!(
-                Info,
-                "door={door} reason=\"{error}\" refusals_left_out={left_out} spill refused \
-                 (more within a minute log at debug)"
-            ),
-            None => log!(Debug, "door={door} reason=\"{error}\" spill refused"),
-        }
+    if !reserve_spill(usage, device, bytes, door) {
         return None;
     }
     let mut host: *mut c_void = std::ptr::null_mut();
@@ -192,12 +190,63 @@ fn spill_alloc(
             host: host as usize,
         },
     );
+    if spill == SpillTo::HostManaged {
+        let mut ranges = lock(&active.spilled_managed);
+        ranges.insert(address, address + bytes as u64);
+        active
+            .spilled_managed_count
+            .store(ranges.len(), Ordering::Release);
+    }
     write_out(out, address);
     log!(
         Debug,
         "door={door} device={device} bytes={bytes} allocation spilled to host memory"
     );
     Some(CUDA_SUCCESS)
+}
+
+/// Charges `bytes` of spill on `device`; false (logged, at most once a minute at info) when the
+/// spill quota has no room.
+fn reserve_spill(usage: &UsageFile, device: usize, bytes: usize, door: &str) -> bool {
+    let Err(error) = usage.reserve(device, bytes as u64, MemoryKind::Spill) else {
+        return true;
+    };
+    static SPILL_REFUSALS: EveryMinute = EveryMinute::new();
+    match SPILL_REFUSALS.admit() {
+        Some(left_out) => log!(
+            Info,
+            "door={door} reason=\"{error}\" refusals_left_out={left_out} spill refused \
+             (more within a minute log at debug)"
+        ),
+        None => log!(Debug, "door={door} reason=\"{error}\" spill refused"),
+    }
+    false
+}
+
+/// Whether `[address, address + bytes)` lies inside one managed allocation that was spilled to
+/// pinned host memory. One atomic load when there are none.
+pub fn in_spilled_managed(active: &Active, address: CUdeviceptr, bytes: usize) -> bool {
+    if active.spilled_managed_count.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let Some(end) = address.checked_add(bytes as u64) else {
+        return false;
+    };
+    lock(&active.spilled_managed)
+        .range(..=address)
+        .next_back()
+        .is_some_and(|(_, &block_end)| end <= block_end)
+}
+
+fn forget_spilled_managed(active: &Active, address: CUdeviceptr) {
+    if active.spilled_managed_count.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut ranges = lock(&active.spilled_managed);
+    ranges.remove(&address);
+    active
+        .spilled_managed_count
+        .store(ranges.len(), Ordering::Release);
 }
 
 fn record(active: &Active, address: CUdeviceptr, device: usize, bytes: u64, placement: Placement) {
@@ -247,9 +296,13 @@ pub fn charged_free(
         (Placement::Spilled { host }, Order::Stream(stream)) => {
             defer_host_free(active, host, &allocation, stream)
         }
+        // Handles are released with cuMemRelease, never recorded as pointers.
+        (Placement::SpilledHandle, _) => real(),
     };
     if result != CUDA_SUCCESS {
         lock(&active.allocations).insert(address, allocation);
+    } else if matches!(allocation.placement, Placement::Spilled { .. }) {
+        forget_spilled_managed(active, address);
     }
     result
 }
@@ -416,6 +469,8 @@ pub fn pitch_alloc(
 }
 
 /// `cuMemCreate`: device locations are charged to that device; host locations pass through.
+/// Past the limit (or when the driver is out of device memory) the handle is created in host
+/// memory instead, up to the spill quota (see [`spill_handle`]).
 pub fn vmm_create(
     active: &Active,
     handle: *mut u64,
@@ -424,38 +479,122 @@ pub fn vmm_create(
     flags: u64,
 ) -> CUresult {
     let real = || call_real!(cuMemCreate(handle, bytes, prop, flags));
-    let Some(prop_value) = (!prop.is_null()).then(|| {
-        // SAFETY: a non-null prop points at a CUmemAllocationProp, whose leading fields these are.
-        unsafe { (prop.cast::<[c_int; 4]>()).read() }
-    }) else {
+    let Some(asked) = read_out(prop) else {
         return real();
     };
-    let [_, _, location_type, location_id] = prop_value;
-    if location_type != MEM_LOCATION_DEVICE || handle.is_null() {
+    if asked.location.location_type != MEM_LOCATION_DEVICE || handle.is_null() || bytes == 0 {
         return real();
     }
-    let Some(device) = active.index_of(location_id) else {
-        return crate::cuda::CUDA_ERROR_INVALID_DEVICE;
+    let Some(device) = active.index_of(asked.location.id) else {
+        return CUDA_ERROR_INVALID_DEVICE;
     };
+    reclaim_host_frees(active);
     let usage = &active.runtime.usage;
-    if let Err(error) = usage.reserve(device, bytes as u64, MemoryKind::Device) {
-        return refuse(&error, "cuMemCreate");
-    }
-    let result = real();
-    match (result, read_out(handle)) {
-        (CUDA_SUCCESS, Some(created)) => {
-            lock(&active.vmm_handles).insert(
-                created,
-                Allocation {
-                    device,
-                    bytes: bytes as u64,
-                    placement: Placement::Device,
-                },
-            );
+    match usage.reserve(device, bytes as u64, MemoryKind::Device) {
+        Ok(()) => {
+            let result = real();
+            match (result, read_out(handle)) {
+                (CUDA_SUCCESS, Some(created)) => {
+                    record_handle(active, created, device, bytes, Placement::Device);
+                    return result;
+                }
+                _ => usage.release(device, bytes as u64, MemoryKind::Device),
+            }
+            if result == CUDA_ERROR_OUT_OF_MEMORY {
+                return spill_handle(active, handle, bytes, &asked, flags, device)
+                    .unwrap_or(result);
+            }
+            result
         }
-        _ => usage.release(device, bytes as u64, MemoryKind::Device),
+        Err(error @ UsageError::OverLimit { .. }) => {
+            spill_handle(active, handle, bytes, &asked, flags, device)
+                .unwrap_or_else(|| refuse(&error, "cuMemCreate"))
+        }
+        Err(error) => refuse(&error, "cuMemCreate"),
     }
-    result
+}
+
+fn record_handle(active: &Active, handle: u64, device: usize, bytes: usize, placement: Placement) {
+    lock(&active.vmm_handles).insert(
+        handle,
+        Allocation {
+            device,
+            bytes: bytes as u64,
+            placement,
+        },
+    );
+}
+
+/// Creates a `cuMemCreate` handle of `bytes` in host memory in place of one on the device the
+/// program asked for, charged to the spill quota of that device; `None` if spill is off, its
+/// quota is used up or the driver cannot create host handles (drivers before CUDA 12.2).
+///
+/// The host memory is the NUMA node closest to the GPU (`CU_MEM_LOCATION_TYPE_HOST_NUMA`, which
+/// keeps the requested shareable handle types), or, where the driver names no such node, plain
+/// `CU_MEM_LOCATION_TYPE_HOST`, which cannot be shared between processes, so its handle types
+/// are cleared. Compression and GPUDirect RDMA are device-memory properties and are cleared.
+/// The program maps the handle with `cuMemMap` and makes it accessible to the GPU with
+/// `cuMemSetAccess` as it would a device handle; kernels then read it over PCIe.
+fn spill_handle(
+    active: &Active,
+    handle: *mut u64,
+    bytes: usize,
+    asked: &CUmemAllocationProp,
+    flags: u64,
+    device: usize,
+) -> Option<CUresult> {
+    let usage = &active.runtime.usage;
+    if usage.spill_quota(device) == 0 || !reserve_spill(usage, device, bytes, "cuMemCreate") {
+        return None;
+    }
+    let mut host = *asked;
+    host.alloc_flags[0] = 0;
+    host.alloc_flags[1] = 0;
+    let mut result = CUDA_ERROR_INVALID_VALUE;
+    if let Some(numa_node) = host_numa_node(asked.location.id) {
+        host.location = CUmemLocation {
+            location_type: MEM_LOCATION_HOST_NUMA,
+            id: numa_node,
+        };
+        result = call_real!(cuMemCreate(handle, bytes, &host, flags));
+    }
+    if result != CUDA_SUCCESS && result != CUDA_ERROR_OUT_OF_MEMORY {
+        host.location = CUmemLocation {
+            location_type: MEM_LOCATION_HOST,
+            id: 0,
+        };
+        host.requested_handle_types = 0;
+        result = call_real!(cuMemCreate(handle, bytes, &host, flags));
+    }
+    let created = read_out(handle).filter(|_| result == CUDA_SUCCESS);
+    let Some(created) = created else {
+        usage.release(device, bytes as u64, MemoryKind::Spill);
+        log!(
+            Warn,
+            "door=cuMemCreate bytes={bytes} result={result} host memory handle could not be \
+             created"
+        );
+        return None;
+    };
+    record_handle(active, created, device, bytes, Placement::SpilledHandle);
+    log!(
+        Debug,
+        "door=cuMemCreate device={device} bytes={bytes} location={:?} handle spilled to host \
+         memory",
+        host.location
+    );
+    Some(CUDA_SUCCESS)
+}
+
+/// The host NUMA node closest to `device`, if the driver names one.
+fn host_numa_node(device: CUdevice) -> Option<c_int> {
+    let mut node: c_int = -1;
+    let result = call_real!(cuDeviceGetAttribute(
+        &mut node,
+        DEVICE_ATTRIBUTE_HOST_NUMA_ID,
+        device
+    ));
+    (result == CUDA_SUCCESS && node >= 0).then_some(node)
 }
 
 /// `cuMemRelease`.
@@ -465,10 +604,14 @@ pub fn vmm_release(active: &Active, handle: u64) -> CUresult {
     };
     let result = call_real!(cuMemRelease(handle));
     if result == CUDA_SUCCESS {
+        let kind = match allocation.placement {
+            Placement::SpilledHandle => MemoryKind::Spill,
+            Placement::Device | Placement::Spilled { .. } => MemoryKind::Device,
+        };
         active
             .runtime
             .usage
-            .release(allocation.device, allocation.bytes, MemoryKind::Device);
+            .release(allocation.device, allocation.bytes, kind);
     } else {
         lock(&active.vmm_handles).insert(handle, allocation);
     }

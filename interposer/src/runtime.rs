@@ -3,7 +3,7 @@
 //! allocations it handed out, so frees are charged to the device the memory came from and
 //! pointers it did not hand out are forwarded untouched.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -45,6 +45,9 @@ pub enum Placement {
     Spilled {
         host: usize,
     },
+    /// A `cuMemCreate` handle the interposer created in host memory instead of on the device;
+    /// the program maps it like device memory, and `cuMemRelease` frees it.
+    SpilledHandle,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +76,11 @@ pub struct Active {
     pub pending_host_frees: Mutex<Vec<PendingHostFree>>,
     /// Length of `pending_host_frees`, read without the lock on every allocation and free.
     pub pending_host_free_count: AtomicUsize,
+    /// Managed allocations served from pinned host memory, start -> end: prefetches and advice
+    /// on them succeed without reaching the driver (which refuses them on non-managed memory).
+    pub spilled_managed: Mutex<BTreeMap<u64, u64>>,
+    /// Length of `spilled_managed`, read without the lock on every prefetch and advice.
+    pub spilled_managed_count: AtomicUsize,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, CUresult>> = OnceLock::new();
@@ -212,6 +220,8 @@ pub fn activate() -> CUresult {
         vmm_handles: Mutex::new(HashMap::new()),
         pending_host_frees: Mutex::new(Vec::new()),
         pending_host_free_count: AtomicUsize::new(0),
+        spilled_managed: Mutex::new(BTreeMap::new()),
+        spilled_managed_count: AtomicUsize::new(0),
     });
     CUDA_SUCCESS
 }

@@ -1,8 +1,9 @@
 //! VRAM spill to host memory: past the device limit, up to the spill quota, `cuMemAlloc_v2`,
-//! `cuMemAllocPitch_v2` and the stream-ordered `cuMemAllocAsync`/`cuMemAllocFromPoolAsync` are
-//! served from pinned host memory mapped into the device address space, counted apart from
-//! VRAM, and freed through the right call: at once for `cuMemFree_v2`, and only after the stream
-//! reached the free for `cuMemFreeAsync`.
+//! `cuMemAllocPitch_v2`, `cuMemAllocManaged` and the stream-ordered
+//! `cuMemAllocAsync`/`cuMemAllocFromPoolAsync` are served from pinned host memory mapped into the
+//! device address space, and `cuMemCreate` handles are created in host memory; all of it is
+//! counted apart from VRAM, and freed through the right call: at once for `cuMemFree_v2` and
+//! `cuMemRelease`, and only after the stream reached the free for `cuMemFreeAsync`.
 
 mod support;
 
@@ -266,4 +267,191 @@ fn nothing_spills_into_a_stream_capture_and_spilled_memory_outlives_one() {
         report.all("mock", "host"),
         [(2 * MIB).to_string(), "0".into()]
     );
+}
+
+#[test]
+fn managed_memory_past_the_limit_spills_and_prefetches_and_advice_on_it_succeed() {
+    let pod = Pod::with_limits(&format!(
+        "vram_limit={}\nspill_quota={}\n",
+        4 * MIB,
+        8 * MIB
+    ));
+    let ops = [
+        "init",
+        "ctx:0",
+        "managed:2097152",
+        "prefetch:2097152",
+        "managed:4194304",
+        "prefetch:4194304",
+        "advise:4194304",
+        "prefetch:8388608",
+        "mock",
+    ];
+    let holder = pod.spawn_holding("exports", &ops);
+    let report = &holder.report;
+    assert_eq!(report.number("managed:2097152", "result"), 0, "in VRAM");
+    assert_eq!(
+        report.number("prefetch:2097152", "result"),
+        0,
+        "a managed block in VRAM: the driver's own prefetch"
+    );
+    assert_eq!(
+        report.number("managed:4194304", "result"),
+        0,
+        "spilled (2 + 4 > 4)"
+    );
+    assert_eq!(report.number("prefetch:4194304", "result"), 0);
+    assert_eq!(report.number("advise:4194304", "result"), 0);
+    assert_eq!(
+        report.number("prefetch:8388608", "result"),
+        1,
+        "a range past the spilled block goes to the driver, which refuses it"
+    );
+    assert_eq!(
+        report.number("mock", "used"),
+        2 * MIB,
+        "VRAM held by the driver"
+    );
+    assert_eq!(report.number("mock", "host"), 4 * MIB, "pinned host memory");
+    let usage = UsageFile::attach(&pod.usage_path()).unwrap();
+    assert_eq!(usage.used(0, MemoryKind::Device), 2 * MIB);
+    assert_eq!(usage.used(0, MemoryKind::Spill), 4 * MIB);
+    holder.release();
+
+    // The CUDA 12.2 signatures, as the runtime reaches them, and the free.
+    let report = pod.run(
+        "procaddr:12080:0",
+        &[
+            "init",
+            "ctx:0",
+            "managed:6291456",
+            "prefetch2:6291456",
+            "advise2:6291456",
+            "freeall",
+            "mock",
+        ],
+    );
+    assert_eq!(report.number("managed:6291456", "result"), 0);
+    assert_eq!(report.number("prefetch2:6291456", "result"), 0);
+    assert_eq!(report.number("advise2:6291456", "result"), 0);
+    assert_eq!(report.get("freeall", "results"), "0");
+    assert_eq!(report.number("mock", "host"), 0, "freed on the host");
+    assert_eq!(usage.used(0, MemoryKind::Spill), 0);
+}
+
+#[test]
+fn prefetch_and_advice_on_memory_that_is_not_managed_fail_as_in_the_driver() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\nspill_quota={}\n", MIB, 8 * MIB));
+    let ops = [
+        "init",
+        "ctx:0",
+        "alloc:4194304",
+        "prefetch:4194304",
+        "advise:4194304",
+    ];
+    let alone = pod.run_without_interposer("exports", &ops);
+    assert_eq!(
+        alone.number("prefetch:4194304", "result"),
+        1,
+        "device memory, no interposer"
+    );
+    assert_eq!(alone.number("advise:4194304", "result"), 1);
+    // Spilled by cuMemAlloc_v2, not managed: the program would get the same refusal from the
+    // driver on pinned memory, so the interposer does not hide it.
+    let report = pod.run("exports", &ops);
+    assert_eq!(report.number("alloc:4194304", "result"), 0);
+    assert_eq!(report.number("prefetch:4194304", "result"), 1);
+    assert_eq!(report.number("advise:4194304", "result"), 1);
+}
+
+#[test]
+fn vmm_handles_past_the_limit_are_created_in_host_memory() {
+    let pod = Pod::with_limits(&format!(
+        "vram_limit={}\nspill_quota={}\n",
+        4 * MIB,
+        8 * MIB
+    ));
+    // PyTorch's expandable segments ask for shareable (file descriptor) handles.
+    let ops = ["init", "ctx:0", "vmm:2097152:1", "vmm:4194304:1", "mock"];
+    let holder = pod.spawn_holding("procaddr:12080:0", &ops);
+    let report = &holder.report;
+    assert_eq!(report.number("vmm:2097152:1", "result"), 0, "on the device");
+    assert_eq!(
+        report.number("vmm:4194304:1", "result"),
+        0,
+        "in host memory (2 + 4 > 4), on the GPU's NUMA node, still shareable"
+    );
+    assert_eq!(report.number("mock", "used"), 2 * MIB);
+    assert_eq!(report.number("mock", "host"), 4 * MIB);
+    let usage = UsageFile::attach(&pod.usage_path()).unwrap();
+    assert_eq!(usage.used(0, MemoryKind::Device), 2 * MIB);
+    assert_eq!(usage.used(0, MemoryKind::Spill), 4 * MIB);
+    holder.release();
+
+    let report = pod.run(
+        "exports",
+        &["init", "ctx:0", "vmm:6291456:1", "mock", "release", "mock"],
+    );
+    assert_eq!(report.number("vmm:6291456:1", "result"), 0);
+    assert_eq!(
+        report.all("mock", "host"),
+        vec![(6 * MIB).to_string(), "0".into()]
+    );
+    assert_eq!(report.get("release", "results"), "0");
+    assert_eq!(usage.used(0, MemoryKind::Spill), 0);
+    assert_eq!(usage.used(0, MemoryKind::Device), 0);
+}
+
+#[test]
+fn vmm_spill_without_a_numa_node_uses_plain_host_memory() {
+    // A machine whose driver names no NUMA node for the GPU: a plain host location, which
+    // cannot carry shareable handle types, so the interposer drops them.
+    let pod = Pod::with_limits(&format!("vram_limit={}\nspill_quota={}\n", MIB, 8 * MIB))
+        .env("TF_MOCK_HOST_NUMA_ID", "-1");
+    let report = pod.run(
+        "exports",
+        &[
+            "init",
+            "ctx:0",
+            "vmm:4194304:1",
+            "mock",
+            "vmm:8388608:0",
+            "release",
+        ],
+    );
+    assert_eq!(report.number("vmm:4194304:1", "result"), 0);
+    assert_eq!(report.number("mock", "host"), 4 * MIB);
+    assert_eq!(
+        report.number("vmm:8388608:0", "result"),
+        2,
+        "past the spill quota (4 + 8 > 8): out of memory"
+    );
+    assert_eq!(report.get("release", "results"), "0");
+
+    let without_spill = Pod::with_limits(&format!("vram_limit={}\n", MIB));
+    let report = without_spill.run("exports", &["init", "ctx:0", "vmm:4194304:1", "mock"]);
+    assert_eq!(report.number("vmm:4194304:1", "result"), 2);
+    assert_eq!(report.number("mock", "host"), 0);
+}
+
+#[test]
+fn prefetches_of_spilled_managed_memory_succeed_on_every_path() {
+    let pod = Pod::with_limits(&format!("vram_limit={}\nspill_quota={}\n", MIB, 8 * MIB));
+    // Through procaddr a CUDA 12.1 runtime asks for the CUDA 8 signature, a 12.8 one for the
+    // 12.2 signature; flag 2 is the per-thread default stream (the `_ptsz` variants).
+    for (via, prefetch, advise) in [
+        ("dlsym", "prefetch:2097152", "advise:2097152"),
+        ("procaddr:12010:0", "prefetch:2097152", "advise:2097152"),
+        ("procaddr:12010:2", "prefetch:2097152", "advise:2097152"),
+        ("procaddr:12080:2", "prefetch2:2097152", "advise2:2097152"),
+    ] {
+        let report = pod.run(
+            via,
+            &["init", "ctx:0", "managed:2097152", prefetch, advise, "mock"],
+        );
+        assert_eq!(report.number("managed:2097152", "result"), 0, "{via}");
+        assert_eq!(report.number(prefetch, "result"), 0, "{via}");
+        assert_eq!(report.number(advise, "result"), 0, "{via}");
+        assert_eq!(report.number("mock", "host"), 2 * MIB, "{via}: spilled");
+    }
 }

@@ -12,118 +12,134 @@
 pub const PER_THREAD_DEFAULT_STREAM: u64 = 1 << 1;
 
 /// One hooked base name: its versioned variants (first CUDA version each is used from, newest
-/// last) and its per-thread-default-stream variant.
+/// last) and its per-thread-default-stream variants, likewise by version (empty: none).
 struct Entry {
     base: &'static str,
     versions: &'static [(i32, &'static str)],
-    per_thread: Option<&'static str>,
+    per_thread: &'static [(i32, &'static str)],
 }
 
 const TABLE: &[Entry] = &[
     Entry {
         base: "cuInit",
         versions: &[(2000, "cuInit")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuDeviceGetCount",
         versions: &[(2000, "cuDeviceGetCount")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuDeviceGet",
         versions: &[(2000, "cuDeviceGet")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuDeviceGetByPCIBusId",
         versions: &[(4010, "cuDeviceGetByPCIBusId")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuDeviceGetUuid",
         versions: &[(9020, "cuDeviceGetUuid"), (11040, "cuDeviceGetUuid_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuDeviceTotalMem",
         versions: &[(3020, "cuDeviceTotalMem_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemGetInfo",
         versions: &[(3020, "cuMemGetInfo_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemAlloc",
         versions: &[(3020, "cuMemAlloc_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemAllocPitch",
         versions: &[(3020, "cuMemAllocPitch_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemFree",
         versions: &[(3020, "cuMemFree_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemAllocManaged",
         versions: &[(6000, "cuMemAllocManaged")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemAllocAsync",
         versions: &[(11020, "cuMemAllocAsync")],
-        per_thread: Some("cuMemAllocAsync_ptsz"),
+        per_thread: &[(11020, "cuMemAllocAsync_ptsz")],
     },
     Entry {
         base: "cuMemAllocFromPoolAsync",
         versions: &[(11020, "cuMemAllocFromPoolAsync")],
-        per_thread: Some("cuMemAllocFromPoolAsync_ptsz"),
+        per_thread: &[(11020, "cuMemAllocFromPoolAsync_ptsz")],
     },
     Entry {
         base: "cuMemFreeAsync",
         versions: &[(11020, "cuMemFreeAsync")],
-        per_thread: Some("cuMemFreeAsync_ptsz"),
+        per_thread: &[(11020, "cuMemFreeAsync_ptsz")],
     },
     Entry {
         base: "cuMemCreate",
         versions: &[(10020, "cuMemCreate")],
-        per_thread: None,
+        per_thread: &[],
     },
     Entry {
         base: "cuMemRelease",
         versions: &[(10020, "cuMemRelease")],
-        per_thread: None,
+        per_thread: &[],
+    },
+    Entry {
+        base: "cuMemPrefetchAsync",
+        versions: &[
+            (8000, "cuMemPrefetchAsync"),
+            (12020, "cuMemPrefetchAsync_v2"),
+        ],
+        per_thread: &[
+            (8000, "cuMemPrefetchAsync_ptsz"),
+            (12020, "cuMemPrefetchAsync_v2_ptsz"),
+        ],
+    },
+    Entry {
+        base: "cuMemAdvise",
+        versions: &[(8000, "cuMemAdvise"), (12020, "cuMemAdvise_v2")],
+        per_thread: &[],
     },
     Entry {
         base: "cuLaunchKernel",
         versions: &[(4000, "cuLaunchKernel")],
-        per_thread: Some("cuLaunchKernel_ptsz"),
+        per_thread: &[(4000, "cuLaunchKernel_ptsz")],
     },
     Entry {
         base: "cuLaunchKernelEx",
         versions: &[(11060, "cuLaunchKernelEx")],
-        per_thread: Some("cuLaunchKernelEx_ptsz"),
+        per_thread: &[(11060, "cuLaunchKernelEx_ptsz")],
     },
     Entry {
         base: "cuLaunchCooperativeKernel",
         versions: &[(9000, "cuLaunchCooperativeKernel")],
-        per_thread: Some("cuLaunchCooperativeKernel_ptsz"),
+        per_thread: &[(9000, "cuLaunchCooperativeKernel_ptsz")],
     },
     Entry {
         base: "cuGraphLaunch",
         versions: &[(10000, "cuGraphLaunch")],
-        per_thread: Some("cuGraphLaunch_ptsz"),
+        per_thread: &[(10000, "cuGraphLaunch_ptsz")],
     },
     Entry {
         base: "cuGetProcAddress",
         versions: &[(11030, "cuGetProcAddress"), (12000, "cuGetProcAddress_v2")],
-        per_thread: None,
+        per_thread: &[],
     },
 ];
 
@@ -131,13 +147,16 @@ const TABLE: &[Entry] = &[
 /// hooks it; `None` for any name it does not hook or a version before the function existed.
 pub fn resolve(name: &str, cuda_version: i32, flags: u64) -> Option<&'static str> {
     let entry = TABLE.iter().find(|entry| entry.base == name)?;
-    let (_, versioned) = entry
-        .versions
-        .iter()
-        .rev()
-        .find(|(since, _)| cuda_version >= *since)?;
+    let newest_since = |variants: &'static [(i32, &'static str)]| {
+        variants
+            .iter()
+            .rev()
+            .find(|(since, _)| cuda_version >= *since)
+            .map(|(_, variant)| *variant)
+    };
+    let versioned = newest_since(entry.versions)?;
     if flags & PER_THREAD_DEFAULT_STREAM != 0
-        && let Some(per_thread) = entry.per_thread
+        && let Some(per_thread) = newest_since(entry.per_thread)
     {
         return Some(per_thread);
     }
@@ -170,6 +189,19 @@ mod tests {
             Some("cuGetProcAddress_v2")
         );
         assert_eq!(resolve("cuMemAllocAsync", 11000, 0), None);
+        assert_eq!(
+            resolve("cuMemPrefetchAsync", 12010, PER_THREAD_DEFAULT_STREAM),
+            Some("cuMemPrefetchAsync_ptsz")
+        );
+        assert_eq!(
+            resolve("cuMemPrefetchAsync", 12020, PER_THREAD_DEFAULT_STREAM),
+            Some("cuMemPrefetchAsync_v2_ptsz")
+        );
+        assert_eq!(resolve("cuMemAdvise", 12080, 0), Some("cuMemAdvise_v2"));
+        assert_eq!(
+            resolve("cuMemAdvise", 12080, PER_THREAD_DEFAULT_STREAM),
+            Some("cuMemAdvise_v2")
+        );
     }
 
     #[test]

@@ -10,6 +10,14 @@
 //! and launch calls need a current context, as with the real driver. `tfMock*` functions expose
 //! what the tests check: bytes in use and their peak, simulated busy time, launch counts.
 //!
+//! Managed memory: `cuMemAllocManaged` blocks are marked managed; `cuMemPrefetchAsync(_v2)` and
+//! `cuMemAdvise(_v2)` accept ranges inside one managed block and refuse everything else with
+//! `CUDA_ERROR_INVALID_VALUE`, as the driver does on systems without pageable memory access.
+//! `cuMemCreate` takes device, host and host-NUMA locations with the driver's rules (a host
+//! location is not shareable, so it takes no handle types; host NUMA needs the node the GPUs are
+//! near, `TF_MOCK_HOST_NUMA_ID`, default 0, `-1`: the machine has no NUMA nodes), which
+//! `cuDeviceGetAttribute(CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID)` reports.
+//!
 //! Streams: the special handles (NULL, `CU_STREAM_LEGACY`, `CU_STREAM_PER_THREAD`) stand for the
 //! current context; created streams remember their context. Work on a stream finishes at once
 //! unless a test holds the stream (`tfMockStreamHold`), standing in for a long kernel: then host
@@ -54,6 +62,13 @@ const VERSION_NOT_SUFFICIENT: c_int = 2;
 
 const CU_MEMHOSTALLOC_DEVICEMAP: c_uint = 0x02;
 const CU_MEM_LOCATION_TYPE_DEVICE: c_int = 1;
+const CU_MEM_LOCATION_TYPE_HOST: c_int = 2;
+const CU_MEM_LOCATION_TYPE_HOST_NUMA: c_int = 3;
+/// `CU_DEVICE_CPU`: the host, as a prefetch or advice target.
+const CU_DEVICE_CPU: CUdevice = -1;
+const CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID: c_int = 134;
+/// `CU_MEM_ADVISE_SET_READ_MOSTLY` .. `CU_MEM_ADVISE_UNSET_ACCESSED_BY`.
+const MEM_ADVICE: std::ops::RangeInclusive<c_int> = 1..=6;
 const CU_MEM_ALLOCATION_TYPE_PINNED: c_int = 1;
 const PER_THREAD_STREAM_FLAG: u64 = 1 << 1;
 /// `CU_STREAM_PER_THREAD`, the largest special stream handle (`CU_STREAM_LEGACY` is 1).
@@ -82,6 +97,7 @@ struct Context {
 struct Block {
     device: Option<CUdevice>,
     bytes: usize,
+    managed: bool,
 }
 
 /// `CUhostFn`.
@@ -274,7 +290,12 @@ impl Mock {
             return Err(CUDA_ERROR_OUT_OF_MEMORY);
         }
         let address = pointer as u64;
-        lock(&self.blocks).insert(address, Block { device, bytes });
+        let block = Block {
+            device,
+            bytes,
+            managed: false,
+        };
+        lock(&self.blocks).insert(address, block);
         Ok(address)
     }
 
@@ -594,7 +615,185 @@ pub unsafe extern "C" fn cuMemAllocManaged(
         if flags != 1 && flags != 2 {
             return CUDA_ERROR_INVALID_VALUE;
         }
-        status(device_alloc(out, bytes))
+        status(device_alloc(out, bytes).map(|()| {
+            // SAFETY: device_alloc succeeded, so `out` is non-null and holds the new pointer.
+            let address = unsafe { out.read() };
+            if let Some(block) = lock(&mock().blocks).get_mut(&address) {
+                block.managed = true;
+            }
+        }))
+    })
+}
+
+/// The NUMA node the mock GPUs are near (`TF_MOCK_HOST_NUMA_ID`), `-1` if none.
+fn host_numa_id() -> c_int {
+    std::env::var("TF_MOCK_HOST_NUMA_ID")
+        .ok()
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `[address, address + bytes)` lies inside one managed block.
+fn managed_range(address: CUdeviceptr, bytes: usize) -> Result<(), CUresult> {
+    mock().ready()?;
+    let end = address
+        .checked_add(bytes as u64)
+        .filter(|_| bytes > 0)
+        .ok_or(CUDA_ERROR_INVALID_VALUE)?;
+    let inside = lock(&mock().blocks).iter().any(|(&start, block)| {
+        block.managed && start <= address && end <= start + block.bytes as u64
+    });
+    if inside {
+        Ok(())
+    } else {
+        Err(CUDA_ERROR_INVALID_VALUE)
+    }
+}
+
+/// A prefetch or advice target given as a device: a GPU or `CU_DEVICE_CPU`.
+fn target_device(device: CUdevice) -> Result<(), CUresult> {
+    if device == CU_DEVICE_CPU {
+        return mock().ready();
+    }
+    mock().valid_device(device).map(|_| ())
+}
+
+/// The same, given as a `CUmemLocation`.
+fn target_location(location: MemLocation) -> Result<(), CUresult> {
+    match location.location_type {
+        CU_MEM_LOCATION_TYPE_DEVICE => target_device(location.id),
+        CU_MEM_LOCATION_TYPE_HOST => mock().ready(),
+        CU_MEM_LOCATION_TYPE_HOST_NUMA if location.id == host_numa_id() && location.id >= 0 => {
+            mock().ready()
+        }
+        _ => Err(CUDA_ERROR_INVALID_VALUE),
+    }
+}
+
+/// `CUmemLocation`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MemLocation {
+    pub location_type: c_int,
+    pub id: c_int,
+}
+
+fn prefetch(
+    address: CUdeviceptr,
+    bytes: usize,
+    target: Result<(), CUresult>,
+    stream: *mut c_void,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().stream(stream)?;
+            target?;
+            managed_range(address, bytes)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync(
+    address: CUdeviceptr,
+    bytes: usize,
+    device: CUdevice,
+    stream: *mut c_void,
+) -> CUresult {
+    prefetch(address, bytes, target_device(device), stream)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_ptsz(
+    address: CUdeviceptr,
+    bytes: usize,
+    device: CUdevice,
+    stream: *mut c_void,
+) -> CUresult {
+    prefetch(address, bytes, target_device(device), stream)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_v2(
+    address: CUdeviceptr,
+    bytes: usize,
+    location: MemLocation,
+    flags: c_uint,
+    stream: *mut c_void,
+) -> CUresult {
+    let target = if flags == 0 {
+        target_location(location)
+    } else {
+        Err(CUDA_ERROR_INVALID_VALUE)
+    };
+    prefetch(address, bytes, target, stream)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemPrefetchAsync_v2_ptsz(
+    address: CUdeviceptr,
+    bytes: usize,
+    location: MemLocation,
+    flags: c_uint,
+    stream: *mut c_void,
+) -> CUresult {
+    // SAFETY: the same contract as this export.
+    unsafe { cuMemPrefetchAsync_v2(address, bytes, location, flags, stream) }
+}
+
+fn advise(
+    address: CUdeviceptr,
+    bytes: usize,
+    advice: c_int,
+    target: Result<(), CUresult>,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().ready()?;
+            if !MEM_ADVICE.contains(&advice) {
+                return Err(CUDA_ERROR_INVALID_VALUE);
+            }
+            target?;
+            managed_range(address, bytes)
+        })())
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAdvise(
+    address: CUdeviceptr,
+    bytes: usize,
+    advice: c_int,
+    device: CUdevice,
+) -> CUresult {
+    advise(address, bytes, advice, target_device(device))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuMemAdvise_v2(
+    address: CUdeviceptr,
+    bytes: usize,
+    advice: c_int,
+    location: MemLocation,
+) -> CUresult {
+    advise(address, bytes, advice, target_location(location))
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cuDeviceGetAttribute(
+    value: *mut c_int,
+    attribute: c_int,
+    device: CUdevice,
+) -> CUresult {
+    guarded(|| {
+        status((|| {
+            mock().valid_device(device)?;
+            match attribute {
+                CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID => write(value, host_numa_id()),
+                // The mock implements only the attributes the interposer reads.
+                _ => Err(CUDA_ERROR_INVALID_VALUE),
+            }
+        })())
     })
 }
 
@@ -936,8 +1135,17 @@ pub unsafe extern "C" fn cuMemCreate(
             if prop.allocation_type != CU_MEM_ALLOCATION_TYPE_PINNED {
                 return Err(CUDA_ERROR_INVALID_VALUE);
             }
-            let device =
-                (prop.location_type == CU_MEM_LOCATION_TYPE_DEVICE).then_some(prop.location_id);
+            let device = match prop.location_type {
+                CU_MEM_LOCATION_TYPE_DEVICE => Some(prop.location_id),
+                // Host allocations cannot be shared between processes.
+                CU_MEM_LOCATION_TYPE_HOST if prop.requested_handle_types == 0 => None,
+                CU_MEM_LOCATION_TYPE_HOST_NUMA
+                    if prop.location_id >= 0 && prop.location_id == host_numa_id() =>
+                {
+                    None
+                }
+                _ => return Err(CUDA_ERROR_INVALID_VALUE),
+            };
             let address = mock().allocate(device, bytes)?;
             if device.is_none() {
                 mock().host_mapped.fetch_add(bytes as u64, Ordering::AcqRel);
@@ -1178,69 +1386,95 @@ pub unsafe extern "C" fn cuGraphLaunch_ptsz(exec: *mut c_void, _stream: *mut c_v
     graph_launch(exec, true)
 }
 
-/// The mock's own rule for `cuGetProcAddress`: `(first version, exported name)` per base name,
-/// and whether a `_ptsz` variant exists.
-/// `(first CUDA version, exported name)` pairs, oldest first, and the `_ptsz` variant.
-type Variants = (&'static [(c_int, &'static str)], Option<&'static str>);
+/// The mock's own rule for `cuGetProcAddress`, per base name: `(first CUDA version, exported
+/// name)` pairs, oldest first, and the same for the `_ptsz` variants (empty: none).
+type Variants = (
+    &'static [(c_int, &'static str)],
+    &'static [(c_int, &'static str)],
+);
 
 fn proc_variants(base: &str) -> Option<Variants> {
     Some(match base {
-        "cuInit" => (&[(2000, "cuInit")], None),
-        "cuDriverGetVersion" => (&[(2020, "cuDriverGetVersion")], None),
-        "cuDeviceGetCount" => (&[(2000, "cuDeviceGetCount")], None),
-        "cuDeviceGet" => (&[(2000, "cuDeviceGet")], None),
-        "cuDeviceGetName" => (&[(2000, "cuDeviceGetName")], None),
-        "cuDeviceGetByPCIBusId" => (&[(4010, "cuDeviceGetByPCIBusId")], None),
+        "cuInit" => (&[(2000, "cuInit")], &[]),
+        "cuDriverGetVersion" => (&[(2020, "cuDriverGetVersion")], &[]),
+        "cuDeviceGetCount" => (&[(2000, "cuDeviceGetCount")], &[]),
+        "cuDeviceGet" => (&[(2000, "cuDeviceGet")], &[]),
+        "cuDeviceGetName" => (&[(2000, "cuDeviceGetName")], &[]),
+        "cuDeviceGetByPCIBusId" => (&[(4010, "cuDeviceGetByPCIBusId")], &[]),
         "cuDeviceGetUuid" => (
             &[(9020, "cuDeviceGetUuid"), (11040, "cuDeviceGetUuid_v2")],
-            None,
+            &[],
         ),
-        "cuDeviceTotalMem" => (&[(3020, "cuDeviceTotalMem_v2")], None),
-        "cuDevicePrimaryCtxRetain" => (&[(7000, "cuDevicePrimaryCtxRetain")], None),
-        "cuDevicePrimaryCtxRelease" => (&[(11000, "cuDevicePrimaryCtxRelease_v2")], None),
-        "cuCtxSetCurrent" => (&[(4000, "cuCtxSetCurrent")], None),
-        "cuCtxGetCurrent" => (&[(4000, "cuCtxGetCurrent")], None),
-        "cuCtxGetDevice" => (&[(2000, "cuCtxGetDevice")], None),
-        "cuCtxPushCurrent" => (&[(4000, "cuCtxPushCurrent_v2")], None),
-        "cuCtxPopCurrent" => (&[(4000, "cuCtxPopCurrent_v2")], None),
-        "cuStreamCreate" => (&[(2000, "cuStreamCreate")], None),
-        "cuStreamDestroy" => (&[(4000, "cuStreamDestroy_v2")], None),
-        "cuStreamGetCtx" => (&[(9020, "cuStreamGetCtx")], None),
-        "cuStreamSynchronize" => (&[(2000, "cuStreamSynchronize")], None),
-        "cuStreamQuery" => (&[(2000, "cuStreamQuery")], None),
-        "cuStreamIsCapturing" => (&[(10000, "cuStreamIsCapturing")], None),
-        "cuStreamBeginCapture" => (&[(10010, "cuStreamBeginCapture_v2")], None),
-        "cuStreamEndCapture" => (&[(10000, "cuStreamEndCapture")], None),
-        "cuLaunchHostFunc" => (&[(10000, "cuLaunchHostFunc")], None),
-        "cuMemGetInfo" => (&[(3020, "cuMemGetInfo_v2")], None),
-        "cuMemAlloc" => (&[(3020, "cuMemAlloc_v2")], None),
-        "cuMemAllocPitch" => (&[(3020, "cuMemAllocPitch_v2")], None),
-        "cuMemAllocManaged" => (&[(6000, "cuMemAllocManaged")], None),
-        "cuMemAllocAsync" => (&[(11020, "cuMemAllocAsync")], Some("cuMemAllocAsync_ptsz")),
+        "cuDeviceTotalMem" => (&[(3020, "cuDeviceTotalMem_v2")], &[]),
+        "cuDevicePrimaryCtxRetain" => (&[(7000, "cuDevicePrimaryCtxRetain")], &[]),
+        "cuDevicePrimaryCtxRelease" => (&[(11000, "cuDevicePrimaryCtxRelease_v2")], &[]),
+        "cuCtxSetCurrent" => (&[(4000, "cuCtxSetCurrent")], &[]),
+        "cuCtxGetCurrent" => (&[(4000, "cuCtxGetCurrent")], &[]),
+        "cuCtxGetDevice" => (&[(2000, "cuCtxGetDevice")], &[]),
+        "cuCtxPushCurrent" => (&[(4000, "cuCtxPushCurrent_v2")], &[]),
+        "cuCtxPopCurrent" => (&[(4000, "cuCtxPopCurrent_v2")], &[]),
+        "cuStreamCreate" => (&[(2000, "cuStreamCreate")], &[]),
+        "cuStreamDestroy" => (&[(4000, "cuStreamDestroy_v2")], &[]),
+        "cuStreamGetCtx" => (&[(9020, "cuStreamGetCtx")], &[]),
+        "cuStreamSynchronize" => (&[(2000, "cuStreamSynchronize")], &[]),
+        "cuStreamQuery" => (&[(2000, "cuStreamQuery")], &[]),
+        "cuStreamIsCapturing" => (&[(10000, "cuStreamIsCapturing")], &[]),
+        "cuStreamBeginCapture" => (&[(10010, "cuStreamBeginCapture_v2")], &[]),
+        "cuStreamEndCapture" => (&[(10000, "cuStreamEndCapture")], &[]),
+        "cuLaunchHostFunc" => (&[(10000, "cuLaunchHostFunc")], &[]),
+        "cuMemGetInfo" => (&[(3020, "cuMemGetInfo_v2")], &[]),
+        "cuMemAlloc" => (&[(3020, "cuMemAlloc_v2")], &[]),
+        "cuMemAllocPitch" => (&[(3020, "cuMemAllocPitch_v2")], &[]),
+        "cuMemAllocManaged" => (&[(6000, "cuMemAllocManaged")], &[]),
+        "cuMemAllocAsync" => (
+            &[(11020, "cuMemAllocAsync")],
+            &[(11020, "cuMemAllocAsync_ptsz")],
+        ),
         "cuMemAllocFromPoolAsync" => (
             &[(11020, "cuMemAllocFromPoolAsync")],
-            Some("cuMemAllocFromPoolAsync_ptsz"),
+            &[(11020, "cuMemAllocFromPoolAsync_ptsz")],
         ),
-        "cuMemFree" => (&[(3020, "cuMemFree_v2")], None),
-        "cuMemFreeAsync" => (&[(11020, "cuMemFreeAsync")], Some("cuMemFreeAsync_ptsz")),
-        "cuMemCreate" => (&[(10020, "cuMemCreate")], None),
-        "cuMemRelease" => (&[(10020, "cuMemRelease")], None),
-        "cuMemHostAlloc" => (&[(2020, "cuMemHostAlloc")], None),
-        "cuMemHostGetDevicePointer" => (&[(3020, "cuMemHostGetDevicePointer_v2")], None),
-        "cuMemFreeHost" => (&[(2000, "cuMemFreeHost")], None),
-        "cuLaunchKernel" => (&[(4000, "cuLaunchKernel")], Some("cuLaunchKernel_ptsz")),
+        "cuMemFree" => (&[(3020, "cuMemFree_v2")], &[]),
+        "cuMemFreeAsync" => (
+            &[(11020, "cuMemFreeAsync")],
+            &[(11020, "cuMemFreeAsync_ptsz")],
+        ),
+        "cuMemCreate" => (&[(10020, "cuMemCreate")], &[]),
+        "cuMemRelease" => (&[(10020, "cuMemRelease")], &[]),
+        "cuMemHostAlloc" => (&[(2020, "cuMemHostAlloc")], &[]),
+        "cuMemHostGetDevicePointer" => (&[(3020, "cuMemHostGetDevicePointer_v2")], &[]),
+        "cuMemFreeHost" => (&[(2000, "cuMemFreeHost")], &[]),
+        "cuDeviceGetAttribute" => (&[(2000, "cuDeviceGetAttribute")], &[]),
+        "cuMemPrefetchAsync" => (
+            &[
+                (8000, "cuMemPrefetchAsync"),
+                (12020, "cuMemPrefetchAsync_v2"),
+            ],
+            &[
+                (8000, "cuMemPrefetchAsync_ptsz"),
+                (12020, "cuMemPrefetchAsync_v2_ptsz"),
+            ],
+        ),
+        "cuMemAdvise" => (&[(8000, "cuMemAdvise"), (12020, "cuMemAdvise_v2")], &[]),
+        "cuLaunchKernel" => (
+            &[(4000, "cuLaunchKernel")],
+            &[(4000, "cuLaunchKernel_ptsz")],
+        ),
         "cuLaunchKernelEx" => (
             &[(11060, "cuLaunchKernelEx")],
-            Some("cuLaunchKernelEx_ptsz"),
+            &[(11060, "cuLaunchKernelEx_ptsz")],
         ),
         "cuLaunchCooperativeKernel" => (
             &[(9000, "cuLaunchCooperativeKernel")],
-            Some("cuLaunchCooperativeKernel_ptsz"),
+            &[(9000, "cuLaunchCooperativeKernel_ptsz")],
         ),
-        "cuGraphLaunch" => (&[(10000, "cuGraphLaunch")], Some("cuGraphLaunch_ptsz")),
+        "cuGraphLaunch" => (
+            &[(10000, "cuGraphLaunch")],
+            &[(10000, "cuGraphLaunch_ptsz")],
+        ),
         "cuGetProcAddress" => (
             &[(11030, "cuGetProcAddress"), (12000, "cuGetProcAddress_v2")],
-            None,
+            &[],
         ),
         _ => return None,
     })
@@ -1290,6 +1524,13 @@ fn export_address(name: &str) -> Option<*mut c_void> {
         "cuMemHostAlloc" => cuMemHostAlloc as *const () as usize,
         "cuMemHostGetDevicePointer_v2" => cuMemHostGetDevicePointer_v2 as *const () as usize,
         "cuMemFreeHost" => cuMemFreeHost as *const () as usize,
+        "cuDeviceGetAttribute" => cuDeviceGetAttribute as *const () as usize,
+        "cuMemPrefetchAsync" => cuMemPrefetchAsync as *const () as usize,
+        "cuMemPrefetchAsync_ptsz" => cuMemPrefetchAsync_ptsz as *const () as usize,
+        "cuMemPrefetchAsync_v2" => cuMemPrefetchAsync_v2 as *const () as usize,
+        "cuMemPrefetchAsync_v2_ptsz" => cuMemPrefetchAsync_v2_ptsz as *const () as usize,
+        "cuMemAdvise" => cuMemAdvise as *const () as usize,
+        "cuMemAdvise_v2" => cuMemAdvise_v2 as *const () as usize,
         "cuLaunchKernel" => cuLaunchKernel as *const () as usize,
         "cuLaunchKernel_ptsz" => cuLaunchKernel_ptsz as *const () as usize,
         "cuLaunchKernelEx" => cuLaunchKernelEx as *const () as usize,
@@ -1330,15 +1571,18 @@ fn get_proc_address(
             report(SYMBOL_NOT_FOUND);
             return CUDA_ERROR_NOT_FOUND;
         };
-        let Some((_, versioned)) = versions
-            .iter()
-            .rev()
-            .find(|(since, _)| cuda_version >= *since)
-        else {
+        let newest_since = |variants: &'static [(c_int, &'static str)]| {
+            variants
+                .iter()
+                .rev()
+                .find(|(since, _)| cuda_version >= *since)
+                .map(|(_, variant)| *variant)
+        };
+        let Some(versioned) = newest_since(versions) else {
             report(VERSION_NOT_SUFFICIENT);
             return CUDA_ERROR_NOT_FOUND;
         };
-        let chosen = match per_thread {
+        let chosen = match newest_since(per_thread) {
             Some(per_thread) if flags & PER_THREAD_STREAM_FLAG != 0 => per_thread,
             _ => versioned,
         };

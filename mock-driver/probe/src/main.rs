@@ -217,6 +217,13 @@ struct LaunchConfig {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy)]
+struct MemLocation {
+    location_type: c_int,
+    id: c_int,
+}
+
+#[repr(C)]
 struct AllocationProp {
     allocation_type: c_int,
     requested_handle_types: c_int,
@@ -460,10 +467,64 @@ fn run_op(state: &mut State, op: &str) {
             });
             println!("{op} results={}", results.join(","));
         }
+        "prefetch" | "prefetch2" | "advise" | "advise2" => {
+            // On the last pointer `alloc`/`managed` made, whole: prefetch to the current device
+            // (`prefetch` is the CUDA 8 signature, `prefetch2` the 12.2 one with a location;
+            // through procaddr, ask for `prefetch` below 12020 and `prefetch2` from it), or
+            // advise it to prefer the current device (CU_MEM_ADVISE_SET_PREFERRED_LOCATION).
+            let pointer = state.pointers.last().copied().unwrap_or(0);
+            let bytes = arg(0) as usize;
+            let location = MemLocation {
+                location_type: 1,
+                id: state.device,
+            };
+            let stream = std::ptr::null_mut::<c_void>();
+            let result = match name {
+                "prefetch" => call!(
+                    api,
+                    "cuMemPrefetchAsync",
+                    fn(u64, usize, c_int, *mut c_void),
+                    pointer,
+                    bytes,
+                    state.device,
+                    stream
+                ),
+                "prefetch2" => call!(
+                    api,
+                    "cuMemPrefetchAsync_v2",
+                    fn(u64, usize, MemLocation, c_uint, *mut c_void),
+                    pointer,
+                    bytes,
+                    location,
+                    0,
+                    stream
+                ),
+                "advise" => call!(
+                    api,
+                    "cuMemAdvise",
+                    fn(u64, usize, c_int, c_int),
+                    pointer,
+                    bytes,
+                    3,
+                    state.device
+                ),
+                _ => call!(
+                    api,
+                    "cuMemAdvise_v2",
+                    fn(u64, usize, c_int, MemLocation),
+                    pointer,
+                    bytes,
+                    3,
+                    location
+                ),
+            };
+            println!("{op} result={result}");
+        }
         "vmm" | "vmmhost" => {
+            // vmm:BYTES[:HANDLE_TYPES] (1: POSIX file descriptor, as PyTorch asks for).
             let prop = AllocationProp {
                 allocation_type: 1,
-                requested_handle_types: 0,
+                requested_handle_types: arg(1) as c_int,
                 location_type: if name == "vmm" { 1 } else { 2 },
                 location_id: state.device,
                 win32_metadata: std::ptr::null_mut(),
