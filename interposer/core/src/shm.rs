@@ -72,6 +72,8 @@ const S_PID: usize = 0;
 const S_START_TIME: usize = 1;
 const S_VRAM: usize = 2;
 const S_SPILL: usize = S_VRAM + MAX_DEVICES;
+/// A random id of the owning process instance (0: written by an interposer that set none).
+const S_INSTANCE: usize = S_SPILL + MAX_DEVICES;
 
 /// What a device block is set to when a process opens the file.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -413,12 +415,17 @@ impl UsageFile {
                 continue;
             }
             let start_time = self.slot_word(slot, S_START_TIME).load(Ordering::Acquire);
-            // A slot with this pid is this process's only if the start time matches too: the
-            // usage file outlives container restarts, and the new main process is often the
-            // same pid (1) as the one that was killed. (When /proc cannot tell the start time,
-            // a slot of this pid is taken for this process's.)
+            // A slot with this pid is this process's only if its instance id is this process's:
+            // the usage file outlives container restarts, and the new main process is often the
+            // same pid (1) as the one that was killed, sometimes started within the same clock
+            // tick, so the start time alone cannot tell them apart. A slot without an instance
+            // id falls back to the start time (when /proc cannot tell it, a slot of this pid is
+            // taken for this process's).
             let alive = if pid == own_pid {
-                own_start_time == 0 || start_time == own_start_time
+                match self.slot_word(slot, S_INSTANCE).load(Ordering::Acquire) {
+                    0 => own_start_time == 0 || start_time == own_start_time,
+                    instance => instance == process_instance(),
+                }
             } else {
                 process_alive(pid, start_time)
             };
@@ -469,6 +476,8 @@ impl UsageFile {
         self.clear_slot(slot);
         self.slot_word(slot, S_START_TIME)
             .store(start_time, Ordering::Release);
+        self.slot_word(slot, S_INSTANCE)
+            .store(process_instance(), Ordering::Release);
         self.slot_word(slot, S_PID).store(pid, Ordering::Release);
         self.slot.store(slot, Ordering::Release);
         self.slot_pid.store(pid, Ordering::Release);
@@ -585,6 +594,34 @@ impl Drop for FileLock {
     }
 }
 
+/// A random, non-zero id of this process instance, drawn once per pid (a forked child draws
+/// its own): what tells this process's slot from a predecessor's with the same pid and start
+/// tick.
+fn process_instance() -> u64 {
+    static INSTANCE: std::sync::Mutex<(u64, u64)> = std::sync::Mutex::new((0, 0));
+    let pid = u64::from(std::process::id());
+    let mut instance = INSTANCE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if instance.0 != pid || instance.1 == 0 {
+        *instance = (pid, random_nonzero());
+    }
+    instance.1
+}
+
+fn random_nonzero() -> u64 {
+    let mut bytes = [0_u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    let mut value = u64::from_ne_bytes(bytes);
+    if filled != bytes.len() as isize {
+        // No entropy source: the monotonic clock's nanoseconds and the pid differ between a
+        // killed process and its successor.
+        value = crate::limiter::monotonic_ns() ^ (u64::from(std::process::id()) << 40);
+    }
+    value.max(1)
+}
+
 /// Start time of `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`), and whether
 /// it is a zombie.
 fn process_stat(pid: u64) -> Option<(u64, bool)> {
@@ -685,6 +722,30 @@ mod tests {
             .store(start_time - 1, Ordering::Release);
         usage.slot_word(slot, S_VRAM).store(vram, Ordering::Release);
         usage.slot_word(slot, S_PID).store(pid, Ordering::Release);
+    }
+
+    #[test]
+    fn a_predecessor_with_this_pid_and_start_tick_is_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("main.shm");
+        let usage = UsageFile::open(&path, &limited(1_048_576, 0)).unwrap();
+        usage.reserve(0, 100, MemoryKind::Device).unwrap();
+        let own_slot = usage.slot.load(Ordering::Acquire);
+        // Restarted within the same clock tick: pid and start time match, the instance id not.
+        let (pid, start_time) = usage.own_identity();
+        let slot = (own_slot + 1) % SLOT_COUNT;
+        usage
+            .slot_word(slot, S_START_TIME)
+            .store(start_time, Ordering::Release);
+        usage
+            .slot_word(slot, S_INSTANCE)
+            .store(process_instance().wrapping_add(1).max(1), Ordering::Release);
+        usage.slot_word(slot, S_VRAM).store(800_000, Ordering::Release);
+        usage.slot_word(slot, S_PID).store(pid, Ordering::Release);
+        assert_eq!(usage.used(0, MemoryKind::Device), 800_100);
+
+        assert_eq!(usage.reap_dead().unwrap(), 1);
+        assert_eq!(usage.used(0, MemoryKind::Device), 100, "this process's slot stays");
     }
 
     #[test]
