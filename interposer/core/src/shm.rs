@@ -740,12 +740,18 @@ mod tests {
         usage
             .slot_word(slot, S_INSTANCE)
             .store(process_instance().wrapping_add(1).max(1), Ordering::Release);
-        usage.slot_word(slot, S_VRAM).store(800_000, Ordering::Release);
+        usage
+            .slot_word(slot, S_VRAM)
+            .store(800_000, Ordering::Release);
         usage.slot_word(slot, S_PID).store(pid, Ordering::Release);
         assert_eq!(usage.used(0, MemoryKind::Device), 800_100);
 
         assert_eq!(usage.reap_dead().unwrap(), 1);
-        assert_eq!(usage.used(0, MemoryKind::Device), 100, "this process's slot stays");
+        assert_eq!(
+            usage.used(0, MemoryKind::Device),
+            100,
+            "this process's slot stays"
+        );
     }
 
     #[test]
