@@ -15,6 +15,9 @@ pub type CUdeviceptr = u64;
 pub type CUstream = *mut c_void;
 pub type CUfunction = *mut c_void;
 pub type CUcontext = *mut c_void;
+pub type CUgraph = *mut c_void;
+pub type CUgraphNode = *mut c_void;
+pub type CUgraphExec = *mut c_void;
 /// `CUhostFn`.
 pub type CUhostFn = unsafe extern "C" fn(*mut c_void);
 
@@ -27,6 +30,9 @@ pub const CUDA_ERROR_INVALID_DEVICE: CUresult = 101;
 pub const CUDA_ERROR_NOT_FOUND: CUresult = 500;
 pub const CUDA_ERROR_NOT_PERMITTED: CUresult = 800;
 pub const CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: CUresult = 900;
+/// The last of the `CUDA_ERROR_STREAM_CAPTURE_*` codes (900-908), which `cuStreamEndCapture`
+/// returns for a capture it ended but could not turn into a graph.
+pub const CUDA_ERROR_STREAM_CAPTURE_LAST: CUresult = 908;
 pub const CUDA_ERROR_UNKNOWN: CUresult = 999;
 
 /// `CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP`.
@@ -68,6 +74,39 @@ pub struct CUmemAllocationProp {
     pub win32_handle_metadata: *mut c_void,
     /// `allocFlags`: compressionType, gpuDirectRDMACapable, usage (2 bytes), reserved.
     pub alloc_flags: [u8; 8],
+}
+
+/// `CUgraphNodeType` values the interposer reads.
+pub const GRAPH_NODE_KERNEL: c_int = 0;
+pub const GRAPH_NODE_CHILD_GRAPH: c_int = 4;
+
+/// `CUDA_KERNEL_NODE_PARAMS_v2` (72 bytes); the v1 struct the older
+/// `cuGraphKernelNodeGetParams` writes is its first 56 bytes.
+#[repr(C)]
+pub struct CudaKernelNodeParams {
+    pub function: CUfunction,
+    pub grid: [c_uint; 3],
+    pub block: [c_uint; 3],
+    pub shared_bytes: c_uint,
+    pub kernel_params: *mut *mut c_void,
+    pub extra: *mut *mut c_void,
+    pub kernel: *mut c_void,
+    pub context: CUcontext,
+}
+
+impl Default for CudaKernelNodeParams {
+    fn default() -> Self {
+        Self {
+            function: std::ptr::null_mut(),
+            grid: [0; 3],
+            block: [0; 3],
+            shared_bytes: 0,
+            kernel_params: std::ptr::null_mut(),
+            extra: std::ptr::null_mut(),
+            kernel: std::ptr::null_mut(),
+            context: std::ptr::null_mut(),
+        }
+    }
 }
 
 /// `CUlaunchConfig`.
@@ -162,6 +201,27 @@ real_driver! {
     cuLaunchCooperativeKernel_ptsz: fn(CUfunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CUstream, *mut *mut c_void);
     cuGraphLaunch: fn(*mut c_void, CUstream);
     cuGraphLaunch_ptsz: fn(*mut c_void, CUstream);
+    cuGraphGetNodes: fn(CUgraph, *mut CUgraphNode, *mut usize);
+    cuGraphNodeGetType: fn(CUgraphNode, *mut c_int);
+    cuGraphKernelNodeGetParams: fn(CUgraphNode, *mut CudaKernelNodeParams);
+    cuGraphKernelNodeGetParams_v2: fn(CUgraphNode, *mut CudaKernelNodeParams);
+    cuGraphChildGraphNodeGetGraph: fn(CUgraphNode, *mut CUgraph);
+    cuGraphInstantiate: fn(*mut CUgraphExec, CUgraph, *mut CUgraphNode, *mut c_char, usize);
+    cuGraphInstantiate_v2: fn(*mut CUgraphExec, CUgraph, *mut CUgraphNode, *mut c_char, usize);
+    cuGraphInstantiateWithFlags: fn(*mut CUgraphExec, CUgraph, u64);
+    cuGraphInstantiateWithParams: fn(*mut CUgraphExec, CUgraph, *mut c_void);
+    cuGraphInstantiateWithParams_ptsz: fn(*mut CUgraphExec, CUgraph, *mut c_void);
+    cuGraphExecDestroy: fn(CUgraphExec);
+    cuGraphExecUpdate: fn(CUgraphExec, CUgraph, *mut CUgraphNode, *mut c_int);
+    cuGraphExecUpdate_v2: fn(CUgraphExec, CUgraph, *mut c_void);
+    cuStreamBeginCapture: fn(CUstream);
+    cuStreamBeginCapture_ptsz: fn(CUstream);
+    cuStreamBeginCapture_v2: fn(CUstream, c_int);
+    cuStreamBeginCapture_v2_ptsz: fn(CUstream, c_int);
+    cuStreamBeginCaptureToGraph: fn(CUstream, CUgraph, *const CUgraphNode, *const c_void, usize, c_int);
+    cuStreamBeginCaptureToGraph_ptsz: fn(CUstream, CUgraph, *const CUgraphNode, *const c_void, usize, c_int);
+    cuStreamEndCapture: fn(CUstream, *mut CUgraph);
+    cuStreamEndCapture_ptsz: fn(CUstream, *mut CUgraph);
     cuGetProcAddress: fn(*const c_char, *mut *mut c_void, c_int, u64);
     cuGetProcAddress_v2: fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int);
 }

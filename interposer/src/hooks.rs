@@ -22,16 +22,17 @@
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::OnceLock;
 
-use tensor_fusion_interposer_core::limiter::{GRAPH_LAUNCH_COST, launch_cost};
+use tensor_fusion_interposer_core::limiter::launch_cost;
 use tensor_fusion_interposer_core::variants;
 
 use crate::cuda::{
     CU_STREAM_PER_THREAD, CUDA_ERROR_INVALID_DEVICE, CUDA_ERROR_INVALID_VALUE,
     CUDA_ERROR_NOT_INITIALIZED, CUDA_ERROR_UNKNOWN, CUDA_SUCCESS, CUdevice, CUdeviceptr,
-    CUfunction, CUlaunchConfig, CUmemAllocationProp, CUmemLocation, CUresult, CUstream, CUuuid,
-    c_name, call_real, read_out, write_out,
+    CUfunction, CUgraph, CUgraphExec, CUgraphNode, CUlaunchConfig, CUmemAllocationProp,
+    CUmemLocation, CUresult, CUstream, CUuuid, c_name, call_real, read_out, write_out,
 };
 use crate::dlsym::lookup_real;
+use crate::graph;
 use crate::guard::hooked;
 use crate::launch::throttle;
 use crate::memory::{self, Order, Spill};
@@ -314,7 +315,8 @@ export!(cuLaunchKernel(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) => |active, real| {
-    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    let cost = launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]);
+    throttle(active, cost, stream);
     real()
 });
 
@@ -331,17 +333,19 @@ export!(cuLaunchKernel_ptsz(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) => |active, real| {
-    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    let cost = launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]);
+    throttle(active, cost, per_thread(stream));
     real()
 });
 
-fn config_cost(config: *const CUlaunchConfig) -> Option<u64> {
+/// A `cuLaunchKernelEx` launch's cost and stream.
+fn config_cost(config: *const CUlaunchConfig) -> Option<(u64, CUstream)> {
     if config.is_null() {
         return None;
     }
     // SAFETY: a non-null config points at a CUlaunchConfig, per the API.
     let config = unsafe { &*config };
-    Some(launch_cost(config.grid, config.block))
+    Some((launch_cost(config.grid, config.block), config.stream))
 }
 
 export!(cuLaunchKernelEx(
@@ -350,10 +354,10 @@ export!(cuLaunchKernelEx(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) => |active, real| {
-    let Some(cost) = config_cost(config) else {
+    let Some((cost, stream)) = config_cost(config) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
-    throttle(active, cost);
+    throttle(active, cost, stream);
     real()
 });
 
@@ -363,10 +367,10 @@ export!(cuLaunchKernelEx_ptsz(
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
 ) => |active, real| {
-    let Some(cost) = config_cost(config) else {
+    let Some((cost, stream)) = config_cost(config) else {
         return CUDA_ERROR_INVALID_VALUE;
     };
-    throttle(active, cost);
+    throttle(active, cost, per_thread(stream));
     real()
 });
 
@@ -382,7 +386,8 @@ export!(cuLaunchCooperativeKernel(
     stream: CUstream,
     params: *mut *mut c_void,
 ) => |active, real| {
-    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    let cost = launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]);
+    throttle(active, cost, stream);
     real()
 });
 
@@ -398,18 +403,165 @@ export!(cuLaunchCooperativeKernel_ptsz(
     stream: CUstream,
     params: *mut *mut c_void,
 ) => |active, real| {
-    throttle(active, launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]));
+    let cost = launch_cost([grid_x, grid_y, grid_z], [block_x, block_y, block_z]);
+    throttle(active, cost, per_thread(stream));
     real()
 });
 
-export!(cuGraphLaunch(exec: *mut c_void, stream: CUstream) => |active, real| {
-    throttle(active, GRAPH_LAUNCH_COST);
+export!(cuGraphLaunch(exec: CUgraphExec, stream: CUstream) => |active, real| {
+    throttle(active, graph::exec_cost(active, exec), stream);
     real()
 });
 
-export!(cuGraphLaunch_ptsz(exec: *mut c_void, stream: CUstream) => |active, real| {
-    throttle(active, GRAPH_LAUNCH_COST);
+export!(cuGraphLaunch_ptsz(exec: CUgraphExec, stream: CUstream) => |active, real| {
+    throttle(active, graph::exec_cost(active, exec), per_thread(stream));
     real()
+});
+
+// Graphs: each instantiation walks the graph for its launch cost; captures are counted so that
+// launches they only record take no tokens (see `graph`).
+
+export!(cuGraphInstantiate(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    error_node: *mut CUgraphNode,
+    log: *mut c_char,
+    log_size: usize,
+) => |active, real| {
+    let result = real();
+    graph::instantiated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphInstantiate_v2(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    error_node: *mut CUgraphNode,
+    log: *mut c_char,
+    log_size: usize,
+) => |active, real| {
+    let result = real();
+    graph::instantiated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphInstantiateWithFlags(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    flags: u64,
+) => |active, real| {
+    let result = real();
+    graph::instantiated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphInstantiateWithParams(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    params: *mut c_void,
+) => |active, real| {
+    let result = real();
+    graph::instantiated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphInstantiateWithParams_ptsz(
+    exec: *mut CUgraphExec,
+    graph: CUgraph,
+    params: *mut c_void,
+) => |active, real| {
+    let result = real();
+    graph::instantiated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphExecUpdate(
+    exec: CUgraphExec,
+    graph: CUgraph,
+    error_node: *mut CUgraphNode,
+    update_result: *mut c_int,
+) => |active, real| {
+    let result = real();
+    graph::updated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphExecUpdate_v2(
+    exec: CUgraphExec,
+    graph: CUgraph,
+    result_info: *mut c_void,
+) => |active, real| {
+    let result = real();
+    graph::updated(active, exec, graph, result);
+    result
+});
+
+export!(cuGraphExecDestroy(exec: CUgraphExec) => |active, real| {
+    let result = real();
+    graph::destroyed(active, exec, result);
+    result
+});
+
+export!(cuStreamBeginCapture(stream: CUstream) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamBeginCapture_ptsz(stream: CUstream) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamBeginCapture_v2(stream: CUstream, mode: c_int) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamBeginCapture_v2_ptsz(stream: CUstream, mode: c_int) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamBeginCaptureToGraph(
+    stream: CUstream,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    edge_data: *const c_void,
+    dependency_count: usize,
+    mode: c_int,
+) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamBeginCaptureToGraph_ptsz(
+    stream: CUstream,
+    graph: CUgraph,
+    dependencies: *const CUgraphNode,
+    edge_data: *const c_void,
+    dependency_count: usize,
+    mode: c_int,
+) => |_active, real| {
+    let result = real();
+    graph::capture_began(result);
+    result
+});
+
+export!(cuStreamEndCapture(stream: CUstream, graph: *mut CUgraph) => |_active, real| {
+    let result = real();
+    graph::capture_ended(result);
+    result
+});
+
+export!(cuStreamEndCapture_ptsz(stream: CUstream, graph: *mut CUgraph) => |_active, real| {
+    let result = real();
+    graph::capture_ended(result);
+    result
 });
 
 #[unsafe(no_mangle)]
@@ -542,6 +694,22 @@ pub const HOOKED: &[&str] = &[
     "cuLaunchCooperativeKernel_ptsz",
     "cuGraphLaunch",
     "cuGraphLaunch_ptsz",
+    "cuGraphInstantiate",
+    "cuGraphInstantiate_v2",
+    "cuGraphInstantiateWithFlags",
+    "cuGraphInstantiateWithParams",
+    "cuGraphInstantiateWithParams_ptsz",
+    "cuGraphExecUpdate",
+    "cuGraphExecUpdate_v2",
+    "cuGraphExecDestroy",
+    "cuStreamBeginCapture",
+    "cuStreamBeginCapture_ptsz",
+    "cuStreamBeginCapture_v2",
+    "cuStreamBeginCapture_v2_ptsz",
+    "cuStreamBeginCaptureToGraph",
+    "cuStreamBeginCaptureToGraph_ptsz",
+    "cuStreamEndCapture",
+    "cuStreamEndCapture_ptsz",
     "cuGetProcAddress",
     "cuGetProcAddress_v2",
 ];
@@ -583,6 +751,22 @@ pub fn hook_address(name: &[u8]) -> Option<usize> {
         b"cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as *const (),
         b"cuGraphLaunch" => cuGraphLaunch as *const (),
         b"cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const (),
+        b"cuGraphInstantiate" => cuGraphInstantiate as *const (),
+        b"cuGraphInstantiate_v2" => cuGraphInstantiate_v2 as *const (),
+        b"cuGraphInstantiateWithFlags" => cuGraphInstantiateWithFlags as *const (),
+        b"cuGraphInstantiateWithParams" => cuGraphInstantiateWithParams as *const (),
+        b"cuGraphInstantiateWithParams_ptsz" => cuGraphInstantiateWithParams_ptsz as *const (),
+        b"cuGraphExecUpdate" => cuGraphExecUpdate as *const (),
+        b"cuGraphExecUpdate_v2" => cuGraphExecUpdate_v2 as *const (),
+        b"cuGraphExecDestroy" => cuGraphExecDestroy as *const (),
+        b"cuStreamBeginCapture" => cuStreamBeginCapture as *const (),
+        b"cuStreamBeginCapture_ptsz" => cuStreamBeginCapture_ptsz as *const (),
+        b"cuStreamBeginCapture_v2" => cuStreamBeginCapture_v2 as *const (),
+        b"cuStreamBeginCapture_v2_ptsz" => cuStreamBeginCapture_v2_ptsz as *const (),
+        b"cuStreamBeginCaptureToGraph" => cuStreamBeginCaptureToGraph as *const (),
+        b"cuStreamBeginCaptureToGraph_ptsz" => cuStreamBeginCaptureToGraph_ptsz as *const (),
+        b"cuStreamEndCapture" => cuStreamEndCapture as *const (),
+        b"cuStreamEndCapture_ptsz" => cuStreamEndCapture_ptsz as *const (),
         b"cuGetProcAddress" => cuGetProcAddress as *const (),
         b"cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const (),
         _ => return None,

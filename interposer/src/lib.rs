@@ -11,6 +11,7 @@
 
 mod cuda;
 mod dlsym;
+mod graph;
 mod guard;
 mod hooks;
 mod launch;

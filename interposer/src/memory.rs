@@ -49,7 +49,7 @@ pub enum Order {
 }
 
 /// Whether `stream` is being captured into a graph (an error from the driver counts as yes).
-fn capturing(stream: CUstream) -> Result<bool, CUresult> {
+pub fn capturing(stream: CUstream) -> Result<bool, CUresult> {
     let mut status = CAPTURE_STATUS_NONE;
     match call_real!(cuStreamIsCapturing(stream, &mut status)) {
         CUDA_SUCCESS => Ok(status != CAPTURE_STATUS_NONE),

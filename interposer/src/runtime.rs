@@ -81,6 +81,8 @@ pub struct Active {
     pub spilled_managed: Mutex<BTreeMap<u64, u64>>,
     /// Length of `spilled_managed`, read without the lock on every prefetch and advice.
     pub spilled_managed_count: AtomicUsize,
+    /// Tokens a launch of each executable graph costs, by `CUgraphExec` (see `graph`).
+    pub graph_costs: Mutex<HashMap<usize, u64>>,
 }
 
 static RUNTIME: OnceLock<Result<Runtime, CUresult>> = OnceLock::new();
@@ -222,6 +224,7 @@ pub fn activate() -> CUresult {
         pending_host_free_count: AtomicUsize::new(0),
         spilled_managed: Mutex::new(BTreeMap::new()),
         spilled_managed_count: AtomicUsize::new(0),
+        graph_costs: Mutex::new(HashMap::new()),
     });
     CUDA_SUCCESS
 }

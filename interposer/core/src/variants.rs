@@ -137,6 +137,59 @@ const TABLE: &[Entry] = &[
         per_thread: &[(10000, "cuGraphLaunch_ptsz")],
     },
     Entry {
+        base: "cuGraphInstantiate",
+        versions: &[
+            (10000, "cuGraphInstantiate"),
+            (11000, "cuGraphInstantiate_v2"),
+            (12000, "cuGraphInstantiateWithFlags"),
+        ],
+        per_thread: &[],
+    },
+    Entry {
+        base: "cuGraphInstantiateWithFlags",
+        versions: &[(11040, "cuGraphInstantiateWithFlags")],
+        per_thread: &[],
+    },
+    Entry {
+        base: "cuGraphInstantiateWithParams",
+        versions: &[(12000, "cuGraphInstantiateWithParams")],
+        per_thread: &[(12000, "cuGraphInstantiateWithParams_ptsz")],
+    },
+    Entry {
+        base: "cuGraphExecUpdate",
+        versions: &[
+            (10020, "cuGraphExecUpdate"),
+            (12000, "cuGraphExecUpdate_v2"),
+        ],
+        per_thread: &[],
+    },
+    Entry {
+        base: "cuGraphExecDestroy",
+        versions: &[(10000, "cuGraphExecDestroy")],
+        per_thread: &[],
+    },
+    Entry {
+        base: "cuStreamBeginCapture",
+        versions: &[
+            (10000, "cuStreamBeginCapture"),
+            (10010, "cuStreamBeginCapture_v2"),
+        ],
+        per_thread: &[
+            (10000, "cuStreamBeginCapture_ptsz"),
+            (10010, "cuStreamBeginCapture_v2_ptsz"),
+        ],
+    },
+    Entry {
+        base: "cuStreamBeginCaptureToGraph",
+        versions: &[(12030, "cuStreamBeginCaptureToGraph")],
+        per_thread: &[(12030, "cuStreamBeginCaptureToGraph_ptsz")],
+    },
+    Entry {
+        base: "cuStreamEndCapture",
+        versions: &[(10000, "cuStreamEndCapture")],
+        per_thread: &[(10000, "cuStreamEndCapture_ptsz")],
+    },
+    Entry {
         base: "cuGetProcAddress",
         versions: &[(11030, "cuGetProcAddress"), (12000, "cuGetProcAddress_v2")],
         per_thread: &[],
@@ -198,6 +251,18 @@ mod tests {
             Some("cuMemPrefetchAsync_v2_ptsz")
         );
         assert_eq!(resolve("cuMemAdvise", 12080, 0), Some("cuMemAdvise_v2"));
+        assert_eq!(
+            resolve("cuGraphInstantiate", 11080, 0),
+            Some("cuGraphInstantiate_v2")
+        );
+        assert_eq!(
+            resolve("cuGraphInstantiate", 12040, 0),
+            Some("cuGraphInstantiateWithFlags")
+        );
+        assert_eq!(
+            resolve("cuStreamBeginCapture", 12040, PER_THREAD_DEFAULT_STREAM),
+            Some("cuStreamBeginCapture_v2_ptsz")
+        );
         assert_eq!(
             resolve("cuMemAdvise", 12080, PER_THREAD_DEFAULT_STREAM),
             Some("cuMemAdvise_v2")

@@ -22,8 +22,9 @@
 //! current context; created streams remember their context. Work on a stream finishes at once
 //! unless a test holds the stream (`tfMockStreamHold`), standing in for a long kernel: then host
 //! functions (`cuLaunchHostFunc`) and stream-ordered frees (`cuMemFreeAsync`) wait in order until
-//! the stream is released or synchronised. A capturing stream records host functions without
-//! running them (graph execution is not modelled).
+//! the stream is released or synchronised. A capturing stream records kernel launches into its
+//! capture graph instead of running them (see `graph`) and holds host functions without running
+//! them.
 
 #![allow(non_snake_case, reason = "exported names are the CUDA driver API's")]
 #![allow(
@@ -38,6 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tensor_fusion_mock_gpu_sim::{MockGpus, kernel_duration_ns, kernel_threads, uuid_bytes};
+
+pub mod graph;
 
 type CUresult = c_uint;
 type CUdevice = c_int;
@@ -77,8 +80,6 @@ const CU_STREAM_PER_THREAD: usize = 0x2;
 const CAPTURE_STATUS_NONE: c_int = 0;
 const CAPTURE_STATUS_ACTIVE: c_int = 1;
 
-/// Simulated time a graph launch takes.
-const GRAPH_LAUNCH_NS: u64 = 10_000;
 /// Alignment of every mock allocation, like the driver's 256-byte minimum.
 const ALIGN: usize = 256;
 /// Row alignment of `cuMemAllocPitch_v2`.
@@ -113,6 +114,8 @@ enum Queued {
 struct StreamState {
     held: bool,
     capturing: bool,
+    /// The graph a capture records into, from `cuStreamBeginCapture_v2` to `cuStreamEndCapture`.
+    capture_graph: Option<&'static graph::Graph>,
     queued: Vec<Queued>,
 }
 
@@ -321,11 +324,13 @@ impl Mock {
         Ok(())
     }
 
+    /// Runs a kernel on the simulated clock, or records it when `stream` is being captured.
     fn launch(
         &self,
         function: *mut c_void,
         grid: [c_uint; 3],
         block: [c_uint; 3],
+        stream: *mut c_void,
         per_thread: bool,
     ) -> Result<(), CUresult> {
         let device = self.current_device()?;
@@ -334,6 +339,12 @@ impl Mock {
         }
         if grid.contains(&0) || block.contains(&0) {
             return Err(CUDA_ERROR_INVALID_VALUE);
+        }
+        if let StreamRef::Created(created) = self.stream(stream)?
+            && let Some(capture) = lock(&created.state).capture_graph
+        {
+            graph::capture_kernel(capture, function as usize, grid, block);
+            return Ok(());
         }
         let duration = kernel_duration_ns(kernel_threads(grid, block), self.gpus.ns_per_kilothread);
         self.busy_ns[device as usize].fetch_add(duration, Ordering::AcqRel);
@@ -347,6 +358,15 @@ impl Mock {
 
 fn status(result: Result<(), CUresult>) -> CUresult {
     result.err().unwrap_or(CUDA_SUCCESS)
+}
+
+/// The stream a `_ptsz` variant means: NULL is the per-thread default stream there.
+fn per_thread_stream(stream: *mut c_void) -> *mut c_void {
+    if stream.is_null() {
+        CU_STREAM_PER_THREAD as *mut c_void
+    } else {
+        stream
+    }
 }
 
 fn write<T>(out: *mut T, value: T) -> Result<(), CUresult> {
@@ -1051,6 +1071,7 @@ pub unsafe extern "C" fn cuStreamBeginCapture_v2(stream: *mut c_void, _mode: c_i
                     return Err(CUDA_ERROR_ILLEGAL_STATE);
                 }
                 state.capturing = true;
+                state.capture_graph = Some(graph::new_graph());
                 Ok(())
             }
         }))
@@ -1072,15 +1093,10 @@ pub unsafe extern "C" fn cuStreamEndCapture(
                 return Err(CUDA_ERROR_ILLEGAL_STATE);
             }
             state.capturing = false;
-            // Graphs are not modelled: any non-null handle will do.
-            write(graph, stream_graph_handle())
+            let captured = state.capture_graph.take().ok_or(CUDA_ERROR_ILLEGAL_STATE)?;
+            write(graph, captured as *const graph::Graph as *mut c_void)
         }))
     })
-}
-
-fn stream_graph_handle() -> *mut c_void {
-    static GRAPH: u64 = 0;
-    std::ptr::addr_of!(GRAPH).cast_mut().cast()
 }
 
 /// Test control: `hold` non-zero makes `stream` busy (as if running a long kernel), so host
@@ -1233,7 +1249,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
     block_y: c_uint,
     block_z: c_uint,
     _shared_bytes: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     _params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
@@ -1242,6 +1258,7 @@ pub unsafe extern "C" fn cuLaunchKernel(
             function,
             [grid_x, grid_y, grid_z],
             [block_x, block_y, block_z],
+            stream,
             false,
         ))
     })
@@ -1257,7 +1274,7 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
     block_y: c_uint,
     block_z: c_uint,
     _shared_bytes: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     _params: *mut *mut c_void,
     _extra: *mut *mut c_void,
 ) -> CUresult {
@@ -1266,6 +1283,7 @@ pub unsafe extern "C" fn cuLaunchKernel_ptsz(
             function,
             [grid_x, grid_y, grid_z],
             [block_x, block_y, block_z],
+            per_thread_stream(stream),
             true,
         ))
     })
@@ -1289,7 +1307,12 @@ fn launch_ex(config: *const LaunchConfig, function: *mut c_void, per_thread: boo
         }
         // SAFETY: a non-null config points at a CUlaunchConfig per the API.
         let config = unsafe { &*config };
-        status(mock().launch(function, config.grid, config.block, per_thread))
+        let stream = if per_thread {
+            per_thread_stream(config.stream)
+        } else {
+            config.stream
+        };
+        status(mock().launch(function, config.grid, config.block, stream, per_thread))
     })
 }
 
@@ -1323,7 +1346,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
     block_y: c_uint,
     block_z: c_uint,
     _shared_bytes: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     _params: *mut *mut c_void,
 ) -> CUresult {
     guarded(|| {
@@ -1331,6 +1354,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel(
             function,
             [grid_x, grid_y, grid_z],
             [block_x, block_y, block_z],
+            stream,
             false,
         ))
     })
@@ -1346,7 +1370,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
     block_y: c_uint,
     block_z: c_uint,
     _shared_bytes: c_uint,
-    _stream: *mut c_void,
+    stream: *mut c_void,
     _params: *mut *mut c_void,
 ) -> CUresult {
     guarded(|| {
@@ -1354,6 +1378,7 @@ pub unsafe extern "C" fn cuLaunchCooperativeKernel_ptsz(
             function,
             [grid_x, grid_y, grid_z],
             [block_x, block_y, block_z],
+            per_thread_stream(stream),
             true,
         ))
     })
@@ -1363,10 +1388,8 @@ fn graph_launch(exec: *mut c_void, per_thread: bool) -> CUresult {
     guarded(|| {
         status((|| {
             let device = mock().current_device()?;
-            if exec.is_null() {
-                return Err(CUDA_ERROR_INVALID_VALUE);
-            }
-            mock().busy_ns[device as usize].fetch_add(GRAPH_LAUNCH_NS, Ordering::AcqRel);
+            let duration = graph::launch_duration_ns(exec, mock().gpus.ns_per_kilothread)?;
+            mock().busy_ns[device as usize].fetch_add(duration, Ordering::AcqRel);
             mock().launches.fetch_add(1, Ordering::AcqRel);
             if per_thread {
                 mock().per_thread_launches.fetch_add(1, Ordering::AcqRel);
@@ -1472,6 +1495,23 @@ fn proc_variants(base: &str) -> Option<Variants> {
             &[(10000, "cuGraphLaunch")],
             &[(10000, "cuGraphLaunch_ptsz")],
         ),
+        "cuGraphCreate" => (&[(10000, "cuGraphCreate")], &[]),
+        "cuGraphDestroy" => (&[(10000, "cuGraphDestroy")], &[]),
+        "cuGraphAddKernelNode" => (&[(12000, "cuGraphAddKernelNode_v2")], &[]),
+        "cuGraphAddEmptyNode" => (&[(10000, "cuGraphAddEmptyNode")], &[]),
+        "cuGraphAddChildGraphNode" => (&[(10000, "cuGraphAddChildGraphNode")], &[]),
+        "cuGraphGetNodes" => (&[(10000, "cuGraphGetNodes")], &[]),
+        "cuGraphNodeGetType" => (&[(10000, "cuGraphNodeGetType")], &[]),
+        "cuGraphKernelNodeGetParams" => (&[(12000, "cuGraphKernelNodeGetParams_v2")], &[]),
+        "cuGraphChildGraphNodeGetGraph" => (&[(10000, "cuGraphChildGraphNodeGetGraph")], &[]),
+        "cuGraphInstantiate" => (&[(12000, "cuGraphInstantiateWithFlags")], &[]),
+        "cuGraphInstantiateWithFlags" => (&[(11040, "cuGraphInstantiateWithFlags")], &[]),
+        "cuGraphInstantiateWithParams" => (
+            &[(12000, "cuGraphInstantiateWithParams")],
+            &[(12000, "cuGraphInstantiateWithParams_ptsz")],
+        ),
+        "cuGraphExecDestroy" => (&[(10000, "cuGraphExecDestroy")], &[]),
+        "cuGraphExecUpdate" => (&[(12000, "cuGraphExecUpdate_v2")], &[]),
         "cuGetProcAddress" => (
             &[(11030, "cuGetProcAddress"), (12000, "cuGetProcAddress_v2")],
             &[],
@@ -1539,6 +1579,26 @@ fn export_address(name: &str) -> Option<*mut c_void> {
         "cuLaunchCooperativeKernel_ptsz" => cuLaunchCooperativeKernel_ptsz as *const () as usize,
         "cuGraphLaunch" => cuGraphLaunch as *const () as usize,
         "cuGraphLaunch_ptsz" => cuGraphLaunch_ptsz as *const () as usize,
+        "cuGraphCreate" => graph::cuGraphCreate as *const () as usize,
+        "cuGraphDestroy" => graph::cuGraphDestroy as *const () as usize,
+        "cuGraphAddKernelNode_v2" => graph::cuGraphAddKernelNode_v2 as *const () as usize,
+        "cuGraphAddEmptyNode" => graph::cuGraphAddEmptyNode as *const () as usize,
+        "cuGraphAddChildGraphNode" => graph::cuGraphAddChildGraphNode as *const () as usize,
+        "cuGraphGetNodes" => graph::cuGraphGetNodes as *const () as usize,
+        "cuGraphNodeGetType" => graph::cuGraphNodeGetType as *const () as usize,
+        "cuGraphKernelNodeGetParams_v2" => {
+            graph::cuGraphKernelNodeGetParams_v2 as *const () as usize
+        }
+        "cuGraphChildGraphNodeGetGraph" => {
+            graph::cuGraphChildGraphNodeGetGraph as *const () as usize
+        }
+        "cuGraphInstantiateWithFlags" => graph::cuGraphInstantiateWithFlags as *const () as usize,
+        "cuGraphInstantiateWithParams" => graph::cuGraphInstantiateWithParams as *const () as usize,
+        "cuGraphInstantiateWithParams_ptsz" => {
+            graph::cuGraphInstantiateWithParams_ptsz as *const () as usize
+        }
+        "cuGraphExecDestroy" => graph::cuGraphExecDestroy as *const () as usize,
+        "cuGraphExecUpdate_v2" => graph::cuGraphExecUpdate_v2 as *const () as usize,
         "cuGetProcAddress" => cuGetProcAddress as *const () as usize,
         "cuGetProcAddress_v2" => cuGetProcAddress_v2 as *const () as usize,
         _ => return None,

@@ -233,6 +233,272 @@ struct AllocationProp {
     alloc_flags: [u8; 8],
 }
 
+/// `CUDA_KERNEL_NODE_PARAMS_v2`.
+#[repr(C)]
+struct KernelNodeParams {
+    function: *mut c_void,
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared_bytes: c_uint,
+    kernel_params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+    kernel: *mut c_void,
+    context: *mut c_void,
+}
+
+/// `CUDA_GRAPH_INSTANTIATE_PARAMS`.
+#[repr(C)]
+struct InstantiateParams {
+    flags: u64,
+    upload_stream: *mut c_void,
+    error_node: *mut c_void,
+    result: c_int,
+}
+
+/// `CUgraphExecUpdateResultInfo`.
+#[repr(C)]
+struct ExecUpdateResultInfo {
+    result: c_int,
+    error_node: *mut c_void,
+    error_from_node: *mut c_void,
+}
+
+/// Steps of building and running a graph; the first failing step's result is kept.
+struct GraphSteps<'a> {
+    api: &'a Api,
+    results: Vec<String>,
+}
+
+impl GraphSteps<'_> {
+    fn step(&mut self, name: &str, result: CUresult) -> bool {
+        self.results.push(format!("{name}={result}"));
+        result == 0
+    }
+
+    fn create(&mut self) -> *mut c_void {
+        let mut graph = std::ptr::null_mut();
+        let result = call!(
+            self.api,
+            "cuGraphCreate",
+            fn(*mut *mut c_void, c_uint),
+            &mut graph,
+            0
+        );
+        self.step("create", result);
+        graph
+    }
+
+    fn kernel(&mut self, graph: *mut c_void, grid: c_uint, block: c_uint) {
+        let params = KernelNodeParams {
+            function: 0x1000 as *mut c_void,
+            grid: [grid, 1, 1],
+            block: [block, 1, 1],
+            shared_bytes: 0,
+            kernel_params: std::ptr::null_mut(),
+            extra: std::ptr::null_mut(),
+            kernel: std::ptr::null_mut(),
+            context: std::ptr::null_mut(),
+        };
+        let mut node = std::ptr::null_mut();
+        let result = call!(
+            self.api,
+            "cuGraphAddKernelNode_v2",
+            fn(*mut *mut c_void, *mut c_void, *const *mut c_void, usize, *const KernelNodeParams),
+            &mut node,
+            graph,
+            std::ptr::null(),
+            0,
+            &params
+        );
+        self.step("kernel", result);
+    }
+
+    fn instantiate(&mut self, graph: *mut c_void) -> *mut c_void {
+        let mut exec = std::ptr::null_mut();
+        let result = call!(
+            self.api,
+            "cuGraphInstantiateWithFlags",
+            fn(*mut *mut c_void, *mut c_void, u64),
+            &mut exec,
+            graph,
+            0
+        );
+        self.step("instantiate", result);
+        exec
+    }
+
+    fn launch(&mut self, exec: *mut c_void, stream: *mut c_void, count: u64) {
+        for _ in 0..count {
+            let result = call!(
+                self.api,
+                "cuGraphLaunch",
+                fn(*mut c_void, *mut c_void),
+                exec,
+                stream
+            );
+            if !self.step("launch", result) {
+                break;
+            }
+        }
+        self.results.dedup();
+    }
+}
+
+/// Graph ops (the mock records launches on a capturing stream and runs a graph's kernels):
+/// - `graph:COUNT:GRID:BLOCK`: a graph of one kernel, built node by node, launched COUNT times;
+/// - `capturegraph:COUNT:GRID:BLOCK:KERNELS`: KERNELS launches captured on the `stream` stream,
+///   instantiated with `cuGraphInstantiateWithParams`, launched COUNT times on that stream;
+/// - `nestedgraph:COUNT`: kernels of 4x64 and 8x32 threads, an empty node and a child graph of
+///   one 2x32 kernel, launched COUNT times;
+/// - `updategraph:GRID_A:GRID_B`: a one-kernel graph (GRID_A x 1), its exec updated to a graph
+///   of GRID_B x 1 with `cuGraphExecUpdate_v2`, launched once, then destroyed.
+fn graph_op(state: &mut State, op: &str, name: &str, args: &[u64]) {
+    let arg = |index: usize| args.get(index).copied().unwrap_or(0);
+    let mut steps = GraphSteps {
+        api: &state.api,
+        results: Vec::new(),
+    };
+    match name {
+        "graph" => {
+            let graph = steps.create();
+            steps.kernel(graph, arg(1) as c_uint, arg(2) as c_uint);
+            let exec = steps.instantiate(graph);
+            steps.launch(exec, std::ptr::null_mut(), arg(0));
+        }
+        "capturegraph" => {
+            let stream = state.stream as *mut c_void;
+            let api = &state.api;
+            let begun = call!(
+                api,
+                "cuStreamBeginCapture_v2",
+                fn(*mut c_void, c_int),
+                stream,
+                0
+            );
+            steps.step("begin", begun);
+            for _ in 0..arg(3) {
+                let result = call!(
+                    api,
+                    "cuLaunchKernel",
+                    fn(
+                        *mut c_void,
+                        c_uint,
+                        c_uint,
+                        c_uint,
+                        c_uint,
+                        c_uint,
+                        c_uint,
+                        c_uint,
+                        *mut c_void,
+                        *mut *mut c_void,
+                        *mut *mut c_void,
+                    ),
+                    0x1000 as *mut c_void,
+                    arg(1) as c_uint,
+                    1,
+                    1,
+                    arg(2) as c_uint,
+                    1,
+                    1,
+                    0,
+                    stream,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut()
+                );
+                steps.step("captured", result);
+            }
+            steps.results.dedup();
+            let mut graph = std::ptr::null_mut();
+            let ended = call!(
+                api,
+                "cuStreamEndCapture",
+                fn(*mut c_void, *mut *mut c_void),
+                stream,
+                &mut graph
+            );
+            steps.step("end", ended);
+            let mut params = InstantiateParams {
+                flags: 0,
+                upload_stream: std::ptr::null_mut(),
+                error_node: std::ptr::null_mut(),
+                result: -1,
+            };
+            let mut exec = std::ptr::null_mut();
+            let result = call!(
+                api,
+                "cuGraphInstantiateWithParams",
+                fn(*mut *mut c_void, *mut c_void, *mut InstantiateParams),
+                &mut exec,
+                graph,
+                &mut params
+            );
+            steps.step("instantiate", result);
+            steps.launch(exec, stream, arg(0));
+        }
+        "nestedgraph" => {
+            let child = steps.create();
+            steps.kernel(child, 2, 32);
+            let graph = steps.create();
+            steps.kernel(graph, 4, 64);
+            steps.kernel(graph, 8, 32);
+            let mut node = std::ptr::null_mut();
+            let result = call!(
+                steps.api,
+                "cuGraphAddEmptyNode",
+                fn(*mut *mut c_void, *mut c_void, *const *mut c_void, usize),
+                &mut node,
+                graph,
+                std::ptr::null(),
+                0
+            );
+            steps.step("empty", result);
+            let result = call!(
+                steps.api,
+                "cuGraphAddChildGraphNode",
+                fn(*mut *mut c_void, *mut c_void, *const *mut c_void, usize, *mut c_void),
+                &mut node,
+                graph,
+                std::ptr::null(),
+                0,
+                child
+            );
+            steps.step("child", result);
+            let exec = steps.instantiate(graph);
+            steps.launch(exec, std::ptr::null_mut(), arg(0));
+        }
+        _ => {
+            let first = steps.create();
+            steps.kernel(first, arg(0) as c_uint, 1);
+            let exec = steps.instantiate(first);
+            let second = steps.create();
+            steps.kernel(second, arg(1) as c_uint, 1);
+            let mut info = ExecUpdateResultInfo {
+                result: -1,
+                error_node: std::ptr::null_mut(),
+                error_from_node: std::ptr::null_mut(),
+            };
+            let result = call!(
+                steps.api,
+                "cuGraphExecUpdate_v2",
+                fn(*mut c_void, *mut c_void, *mut ExecUpdateResultInfo),
+                exec,
+                second,
+                &mut info
+            );
+            steps.step("update", result);
+            steps.launch(exec, std::ptr::null_mut(), 1);
+            let result = call!(steps.api, "cuGraphExecDestroy", fn(*mut c_void), exec);
+            steps.step("destroy", result);
+        }
+    }
+    let failed = steps
+        .results
+        .iter()
+        .find(|step| !step.ends_with("=0"))
+        .map_or("0", |step| step.rsplit('=').next().unwrap_or("?"));
+    println!("{op} result={failed} steps={}", steps.results.join(","));
+}
+
 fn numbers(op: &str) -> Vec<u64> {
     op.split(':')
         .skip(1)
@@ -612,7 +878,10 @@ fn run_op(state: &mut State, op: &str) {
             println!("{op} bytes={bytes} mock_peak={peak} errors={errors:?}");
             state.pointers.extend(held);
         }
-        "launch" | "launchex" | "coop" | "graph" => {
+        "graph" | "capturegraph" | "nestedgraph" | "updategraph" => {
+            graph_op(state, op, name, &args)
+        }
+        "launch" | "launchex" | "coop" => {
             let (count, grid, block) = (arg(0), arg(1) as c_uint, arg(2) as c_uint);
             let mut last = 0;
             for _ in 0..count {
@@ -695,13 +964,7 @@ fn run_op(state: &mut State, op: &str) {
                             std::ptr::null_mut()
                         )
                     }
-                    _ => call!(
-                        api,
-                        "cuGraphLaunch",
-                        fn(*mut c_void, *mut c_void),
-                        function,
-                        std::ptr::null_mut()
-                    ),
+                    _ => unreachable!("the arm matches only launch, launchex and coop"),
                 };
                 if last != 0 {
                     break;
@@ -712,12 +975,13 @@ fn run_op(state: &mut State, op: &str) {
         "mock" => {
             let device = state.device;
             println!(
-                "{op} used={} peak={} host={} launches={} ptsz_launches={}",
+                "{op} used={} peak={} host={} launches={} ptsz_launches={} busy_ns={}",
                 mock_counter(&api, "tfMockDeviceUsedBytes", device),
                 mock_counter(&api, "tfMockDevicePeakBytes", device),
                 mock_counter(&api, "tfMockHostMappedBytes", 0),
                 mock_counter(&api, "tfMockLaunches", 0),
                 mock_counter(&api, "tfMockLaunches", 1),
+                mock_counter(&api, "tfMockGpuBusyNs", device),
             );
         }
         "nvml" => nvml(op),
