@@ -42,10 +42,11 @@ pub fn hooked<R: Copy>(
     hook: impl FnOnce() -> R,
     passthrough: impl FnOnce() -> R,
 ) -> R {
-    if inside() {
+    // One thread-local access checks and sets the flag (an export is called for every launch).
+    if INSIDE.with(|inside| inside.replace(true)) {
         return passthrough();
     }
-    let _inside = Inside::enter();
+    let _inside = Inside { was_inside: false };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)) {
         Ok(result) => result,
         Err(_) => {
