@@ -138,13 +138,27 @@ fn load_runtime() -> Result<Runtime, CUresult> {
         );
         CUDA_ERROR_NOT_PERMITTED
     })?;
+    if let Some(path) = limits
+        .limits_path
+        .as_ref()
+        .filter(|path| !limits.allow_unlimited && !path.exists())
+    {
+        log!(
+            Error,
+            "limits_file={} waited_seconds={} refusing CUDA: the node agent has not assigned this \
+             container a GPU (no limits file after the wait; TF_LIMITS_WAIT_SECONDS sets it); set \
+             TF_INTERPOSER_ALLOW_UNLIMITED=1 to run without one",
+            path.display(),
+            limits.limits_wait_seconds
+        );
+        return Err(CUDA_ERROR_NOT_PERMITTED);
+    }
     if !limits.is_limited() && !limits.allow_unlimited {
         let file = match &limits.limits_path {
-            Some(path) if path.exists() => format!(
+            Some(path) => format!(
                 "the limits file {} sets neither vram_limit nor tflops_limit",
                 path.display()
             ),
-            Some(path) => format!("there is no limits file {}", path.display()),
             None => "TF_POD_DIR is not set, so there is no limits file".to_owned(),
         };
         log!(

@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::{Pod, mock_uuid};
+use support::{Pod, Report, mock_uuid};
 
 const MIB: u64 = 1 << 20;
 
@@ -266,9 +266,18 @@ fn no_limits_means_no_cuda_unless_switched_off() {
         "CUDA_ERROR_NOT_PERMITTED"
     );
     assert!(
-        report
-            .stderr
-            .contains("refusing CUDA: nothing says what this process may use"),
+        report.stderr.contains(
+            "refusing CUDA: the node agent has not assigned this container a GPU (no limits file"
+        ),
+        "{}",
+        report.stderr
+    );
+    let report = Pod::unlimited().outside_a_pod().run("exports", &["init"]);
+    assert_eq!(report.number("init", "result"), 800);
+    assert!(
+        report.stderr.contains(
+            "refusing CUDA: nothing says what this process may use (TF_POD_DIR is not set"
+        ),
         "{}",
         report.stderr
     );
@@ -282,8 +291,9 @@ fn no_limits_means_no_cuda_unless_switched_off() {
 }
 
 #[test]
-fn limits_from_the_environment_alone_apply() {
+fn limits_from_the_environment_alone_apply_outside_a_pod() {
     let report = Pod::unlimited()
+        .outside_a_pod()
         .env("TF_VRAM_LIMIT", "1048576")
         .env("TF_GPU_COUNT", "1")
         .run(
@@ -467,7 +477,7 @@ fn no_limits_fail_every_later_call_on_every_path() {
         ALL_PATHS,
         800,
         false,
-        "refusing CUDA: nothing says what this process may use (there is no limits file",
+        "refusing CUDA: the node agent has not assigned this container a GPU (no limits file",
     );
 }
 
@@ -553,6 +563,7 @@ fn a_gpu_assigned_twice_is_refused() {
 #[test]
 fn a_gpu_count_of_zero_is_no_device() {
     let pod = Pod::unlimited()
+        .outside_a_pod()
         .env("TF_VRAM_LIMIT", "1048576")
         .env("TF_GPU_COUNT", "0");
     check_refused(
@@ -577,4 +588,41 @@ fn a_program_probing_for_out_of_memory_logs_one_info_line() {
         .filter(|line| line.contains(" INFO ") && line.contains("allocation refused"))
         .count();
     assert_eq!(info_lines, 1, "{}", report.stderr);
+}
+
+#[test]
+fn a_process_that_starts_before_the_agent_wrote_its_limits_waits_for_them() {
+    let pod = Pod::unlimited().env("TF_LIMITS_WAIT_SECONDS", "20");
+    let child = pod
+        .probe("exports", &["init", "ctx:0", "meminfo"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the probe");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The agent writes the file atomically: a temporary name, then a rename.
+    let staged = pod.dir.path().join(".main.limits.tmp");
+    std::fs::write(&staged, format!("version=1\nvram_limit={MIB}\n")).unwrap();
+    std::fs::rename(&staged, pod.dir.path().join("main.limits")).unwrap();
+    let report = Report::from_output(&child.wait_with_output().unwrap());
+    assert_eq!(report.number("init", "result"), 0, "{report:?}");
+    assert_eq!(report.number("meminfo", "total"), MIB);
+}
+
+#[test]
+fn a_process_whose_limits_never_come_is_refused_after_the_wait() {
+    let pod = Pod::unlimited()
+        .env("TF_LIMITS_WAIT_SECONDS", "0.2")
+        .env("TF_VRAM_LIMIT", "1048576");
+    let started = std::time::Instant::now();
+    let report = pod.run("exports", &["init"]);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    assert_eq!(report.number("init", "result"), 800, "{report:?}");
+    assert!(
+        report
+            .stderr
+            .contains("waited_seconds=0.2 refusing CUDA: the node agent has not assigned"),
+        "limits in the environment do not stand in for the agent's assignment: {}",
+        report.stderr
+    );
 }

@@ -22,6 +22,14 @@ pub const ENV_CONTAINER_NAME: &str = "TF_CONTAINER_NAME";
 /// Turns the "no limits, no start" rule off: with it set to `1`, a process with no limits runs
 /// unlimited instead of failing `cuInit`.
 pub const ENV_ALLOW_UNLIMITED: &str = "TF_INTERPOSER_ALLOW_UNLIMITED";
+/// How long, in seconds, a process in a pod (`TF_POD_DIR` set) waits at `cuInit` for the node
+/// agent's limits file before it refuses CUDA (the agent writes it within a second of binding;
+/// a container can start before that).
+pub const ENV_LIMITS_WAIT: &str = "TF_LIMITS_WAIT_SECONDS";
+/// The default of [`ENV_LIMITS_WAIT`].
+pub const DEFAULT_LIMITS_WAIT_SECONDS: f64 = 30.0;
+/// How often the limits file is looked for while waiting.
+const LIMITS_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Version of the limits file format this crate writes and reads.
 pub const LIMITS_FORMAT_VERSION: u32 = 1;
@@ -97,6 +105,9 @@ pub struct ContainerLimits {
     pub usage_path: Option<PathBuf>,
     /// `TF_INTERPOSER_ALLOW_UNLIMITED=1`.
     pub allow_unlimited: bool,
+    /// `TF_LIMITS_WAIT_SECONDS`: how long [`ContainerLimits::load`] waited (at most) for the
+    /// limits file to appear.
+    pub limits_wait_seconds: f64,
 }
 
 impl ContainerLimits {
@@ -104,6 +115,9 @@ impl ContainerLimits {
     pub fn load(env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let mut limits = Self::from_env(&env)?;
         if let Some(path) = limits.limits_path.clone() {
+            if !limits.allow_unlimited {
+                wait_for_file(&path, limits.limits_wait_seconds);
+            }
             match std::fs::read_to_string(&path) {
                 Ok(text) => limits.apply_file(&path, &text)?,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -140,6 +154,10 @@ impl ContainerLimits {
                 .map(|value| parse_bytes(source, "TF_VRAM_LIMIT", &value))
                 .transpose()?,
             allow_unlimited: get(ENV_ALLOW_UNLIMITED).is_some_and(|value| value.trim() == "1"),
+            limits_wait_seconds: get(ENV_LIMITS_WAIT)
+                .map(|value| parse_f64(source, ENV_LIMITS_WAIT, &value))
+                .transpose()?
+                .unwrap_or(DEFAULT_LIMITS_WAIT_SECONDS),
             ..Self::default()
         };
         if let Some(pod_dir) = get(ENV_POD_DIR) {
@@ -340,6 +358,15 @@ fn parse_positive_f64(source: &str, key: &str, value: &str) -> Result<f64, Confi
         .ok()
         .filter(|number| number.is_finite() && *number > 0.0)
         .ok_or_else(|| invalid(source, key, value, "a positive decimal number"))
+}
+
+/// Waits until `path` exists or `seconds` have passed (a missing file is not an error here).
+fn wait_for_file(path: &Path, seconds: f64) {
+    let wait = std::time::Duration::try_from_secs_f64(seconds).unwrap_or(std::time::Duration::MAX);
+    let started = std::time::Instant::now();
+    while !path.exists() && started.elapsed() < wait {
+        std::thread::sleep(LIMITS_POLL);
+    }
 }
 
 fn parse_f64(source: &str, key: &str, value: &str) -> Result<f64, ConfigError> {

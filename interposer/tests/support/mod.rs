@@ -124,17 +124,25 @@ impl Pod {
         pod
     }
 
-    /// A pod directory with no limits file and no limit variables.
+    /// A pod directory with no limits file and no limit variables; the interposer does not wait
+    /// for the node agent's file (`TF_LIMITS_WAIT_SECONDS=0`).
     pub fn unlimited() -> Self {
         let dir = tempfile::tempdir().expect("temporary pod directory");
         Self {
             env: vec![
                 ("TF_POD_DIR".into(), dir.path().display().to_string()),
                 ("TF_CONTAINER_NAME".into(), "main".into()),
+                ("TF_LIMITS_WAIT_SECONDS".into(), "0".into()),
             ],
             dir,
             container: "main".into(),
         }
+    }
+
+    /// A process outside any pod: no `TF_POD_DIR`, so no limits file and per-process accounting.
+    pub fn outside_a_pod(mut self) -> Self {
+        self.env.retain(|(key, _)| key != "TF_POD_DIR");
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -234,7 +242,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn from_output(output: &Output) -> Self {
+    pub fn from_output(output: &Output) -> Self {
         let report = Self::from_lines(
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
