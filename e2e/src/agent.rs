@@ -5,7 +5,7 @@
 //! every [`RESYNC_SECONDS`], so tests see GPU changes and node status repairs quickly.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -50,6 +50,8 @@ pub struct AgentProcess {
     gpus: MockGpus,
     kubeconfig: PathBuf,
     log: PathBuf,
+    /// Environment for the next spawn only (fault injection), then cleared.
+    next_env: Vec<(String, String)>,
 }
 
 impl AgentProcess {
@@ -59,6 +61,17 @@ impl AgentProcess {
         dir: &Path,
         node: &str,
         gpus: MockGpus,
+    ) -> anyhow::Result<Self> {
+        Self::start_with_env(cluster, dir, node, gpus, &[]).await
+    }
+
+    /// Like [`Self::start`], with `env` set for this first process only (not for restarts).
+    pub async fn start_with_env(
+        cluster: &Cluster,
+        dir: &Path,
+        node: &str,
+        gpus: MockGpus,
+        env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
         let host_root = dir.join(node).join("run");
         std::fs::create_dir_all(&host_root)?;
@@ -72,6 +85,10 @@ impl AgentProcess {
             gpus,
             kubeconfig: cluster.kubeconfig.clone(),
             log: std::env::temp_dir().join(format!("tf-agent-{node}.log")),
+            next_env: env
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
         };
         agent.spawn().await?;
         Ok(agent)
@@ -107,6 +124,7 @@ impl AgentProcess {
             .env("TF_MOCK_GPU_COUNT", self.gpus.count.to_string())
             .env("TF_MOCK_VRAM_BYTES", self.gpus.vram_bytes.to_string())
             .env("TF_LOG_LEVEL", "info")
+            .envs(std::mem::take(&mut self.next_env))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -130,6 +148,22 @@ impl AgentProcess {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself (a crash the test injected) and returns how.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let started = std::time::Instant::now();
+        loop {
+            let child = self.child.as_mut().context("the agent is not running")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                bail!("the agent on {} still runs after {timeout:?}", self.node);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -143,7 +143,13 @@ async fn start_agents(
     for node in NODES {
         agents.push(AgentProcess::start(cluster, dir, node, gpus).await?);
     }
-    // The scheduler must see the agents' capacity before the pods arrive.
+    wait_advertised_vram(cluster, gpus).await?;
+    Ok(agents)
+}
+
+/// Waits until both nodes advertise the agents' VRAM: the scheduler must see the agents'
+/// capacity before the pods arrive.
+async fn wait_advertised_vram(cluster: &Cluster, gpus: MockGpus) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let expected = (u64::from(gpus.count) * gpus.vram_bytes).to_string();
     wait_for(
@@ -164,8 +170,7 @@ async fn start_agents(
             Ok(true)
         },
     )
-    .await?;
-    Ok(agents)
+    .await
 }
 
 async fn scheduled_pods(cluster: &Cluster, namespace: &str, app: &str) -> anyhow::Result<Vec<Pod>> {
@@ -390,7 +395,20 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
         count: 4,
         vram_bytes: 16 * GIB,
     };
-    let mut agents = start_agents(&cluster, dir.path(), gpus).await?;
+    // The first agent SIGKILLs itself right after recording its 4th assignment on the pod and
+    // before writing that pod's limits files: mid-burst, mid-operation.
+    let mut agents = vec![
+        AgentProcess::start_with_env(
+            &cluster,
+            dir.path(),
+            NODES[0],
+            gpus,
+            &[("TF_AGENT_CRASH_AFTER_ASSIGNMENTS", "4")],
+        )
+        .await?,
+        AgentProcess::start(&cluster, dir.path(), NODES[1], gpus).await?,
+    ];
+    wait_advertised_vram(&cluster, gpus).await?;
     let namespace = cluster.namespace("tf-agent-crash").await?;
     let ns = namespace.name.as_str();
     let deployments: Api<Deployment> = Api::namespaced(cluster.client.clone(), ns);
@@ -398,26 +416,31 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
         .create(&PostParams::default(), &deployment("burst", 30, 4 * GIB))
         .await?;
 
-    // SIGKILL the first agent as soon as it has assigned a few pods, while the burst goes on.
-    wait_for(
-        "the first assignments on gpu-node-1",
-        Duration::from_secs(60),
-        || async {
-            let pods = scheduled_pods(&cluster, ns, "burst").await?;
-            Ok(pods
-                .iter()
-                .filter(|pod| node_of(pod) == Some(NODES[0]) && assignment(pod).is_some())
-                .count()
-                >= 3)
-        },
-    )
-    .await?;
-    agents[0].kill();
-    let assigned_at_kill = scheduled_pods(&cluster, ns, "burst")
+    let status = agents[0].wait_exit(Duration::from_secs(60)).await?;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the agent died by SIGKILL (9): {status:?}"
+    );
+    let on_first: Vec<Pod> = scheduled_pods(&cluster, ns, "burst")
         .await?
+        .into_iter()
+        .filter(|pod| node_of(pod) == Some(NODES[0]))
+        .collect();
+    let recorded: Vec<&Pod> = on_first
         .iter()
-        .filter(|pod| node_of(pod) == Some(NODES[0]) && assignment(pod).is_some())
+        .filter(|pod| assignment(pod).is_some())
+        .collect();
+    assert_eq!(recorded.len(), 4, "the agent died after its 4th record");
+    let with_files = recorded
+        .iter()
+        .filter(|pod| {
+            let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+            let dir = agents[0].host_root.join("pods").join(uid);
+            dir.join("python.limits").exists()
+        })
         .count();
+    assert_eq!(with_files, 3, "the 4th pod's files were never written");
     agents[0].restart().await?;
 
     wait_for("30 assigned pods", Duration::from_secs(90), || async {
@@ -426,7 +449,15 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
     })
     .await?;
     let pods = scheduled_pods(&cluster, ns, "burst").await?;
-    eprintln!("{assigned_at_kill} pods were assigned on gpu-node-1 when its agent was killed");
+    let first_node_pods = pods
+        .iter()
+        .filter(|pod| node_of(pod) == Some(NODES[0]))
+        .count();
+    assert!(
+        first_node_pods > 4,
+        "the burst went on past the crash: {first_node_pods} pods on {}",
+        NODES[0]
+    );
     let nodes: Api<Node> = Api::all(cluster.client.clone());
     let hosts_shared = |node: Node| {
         node.metadata

@@ -22,7 +22,7 @@ use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource};
 use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::allocator::{AllocationError, Allocator, GpuCapacity};
 use crate::capacity::{HostSizes, advertised};
@@ -96,7 +96,12 @@ pub struct Agent {
     client: Client,
     recorder: Recorder,
     pub state: Mutex<AgentState>,
+    /// [`CRASH_ENV`], read at start.
+    crash_after: Option<u64>,
 }
+
+/// See [`Agent::crash_point`].
+pub const CRASH_ENV: &str = "TF_AGENT_CRASH_AFTER_ASSIGNMENTS";
 
 impl Agent {
     pub fn new(
@@ -122,6 +127,13 @@ impl Agent {
             client,
             recorder,
             state: Mutex::new(state),
+            crash_after: std::env::var(CRASH_ENV).ok().and_then(|value| {
+                let parsed = value.trim().parse().ok();
+                if parsed.is_none() {
+                    warn!(value = %value, "{CRASH_ENV} is not a whole number; ignored");
+                }
+                parsed
+            }),
         })
     }
 
@@ -175,7 +187,14 @@ impl Agent {
         state.workers = workers;
         state.pending.clear();
         state.synced = true;
-        self.remove_orphan_dirs(&state.workers);
+        // A listed pod without a grant yet (its container may already run and hold its usage
+        // file) keeps its directory; only pods that are gone or ended lose theirs.
+        let live: BTreeSet<&str> = pods
+            .iter()
+            .filter(|pod| !has_ended(pod))
+            .filter_map(|pod| pod.metadata.uid.as_deref())
+            .collect();
+        self.remove_orphan_dirs(&live);
         info!(node = %self.config.node_name, workers = restored, "Rebuilt allocations from pod annotations");
         drop(state);
         self.publish_node_status().await;
@@ -214,13 +233,14 @@ impl Agent {
         }
     }
 
-    fn remove_orphan_dirs(&self, workers: &BTreeMap<String, WorkerRecord>) {
+    /// Removes the directories of pods not in `live` (pods of this node that have not ended).
+    fn remove_orphan_dirs(&self, live: &BTreeSet<&str>) {
         let Ok(entries) = std::fs::read_dir(self.config.host_root.join("pods")) else {
             return;
         };
         for entry in entries.flatten() {
             let uid = entry.file_name().to_string_lossy().into_owned();
-            if !workers.contains_key(&uid) {
+            if !live.contains(uid.as_str()) {
                 info!(uid = %uid, "Removing the directory of a pod that is gone");
                 if let Err(error) = remove_pod_dir(&self.config.host_root, &uid) {
                     warn!(uid = %uid, %error, "Failed to remove a pod directory");
@@ -281,6 +301,7 @@ impl Agent {
             };
             let assignment = Assignment {
                 node: self.config.node_name.clone(),
+                pod_uid: Some(uid.clone()),
                 grant,
             };
             let patch = serde_json::json!({
@@ -296,6 +317,7 @@ impl Agent {
             {
                 Ok(_) => {
                     let mut state = self.state.lock().await;
+                    self.crash_point(state.allocations_total + 1);
                     self.write_files(&state, &spec, &assignment);
                     info!(
                         pod = %spec.key(),
@@ -342,6 +364,20 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Fault injection for the restart tests: with `TF_AGENT_CRASH_AFTER_ASSIGNMENTS=N` the
+    /// agent SIGKILLs itself once its Nth assignment is recorded on the pod and before the pod's
+    /// limits files are written, the worst moment to die.
+    fn crash_point(&self, assignments: u64) {
+        if self.crash_after == Some(assignments) {
+            error!(
+                assignments,
+                "{CRASH_ENV} reached: killing this process with SIGKILL"
+            );
+            // SAFETY: kill(2) on our own pid has no memory effects.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
         }
     }
 
@@ -533,6 +569,10 @@ impl Agent {
     pub async fn apply_native(&self, native: BTreeSet<String>, origin: NativeOrigin) -> bool {
         let changed = {
             let mut state = self.state.lock().await;
+            let native: BTreeSet<String> = native
+                .iter()
+                .map(|id| crate::native::gpu_uuid_of(id, &state.gpus))
+                .collect();
             state.native_origin = Some(origin);
             if state.native_gpus == native {
                 false

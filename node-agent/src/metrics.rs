@@ -388,6 +388,7 @@ mod tests {
                 spec,
                 assignment: Assignment {
                     node: "gpu-node-1".to_owned(),
+                    pod_uid: None,
                     grant,
                 },
             },

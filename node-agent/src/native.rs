@@ -158,6 +158,25 @@ pub fn gpus_in_checkpoint(path: &Path, text: &str) -> Result<BTreeSet<String>, N
     Ok(gpus)
 }
 
+/// The GPU UUID a device plugin device id names. The NVIDIA device plugin names a GPU by its
+/// UUID (`GPU-…`, the default `deviceIDStrategy: uuid`), by its NVML index
+/// (`deviceIDStrategy: index`), and a time-sliced or MPS replica of it with a `::<n>` suffix
+/// (`GPU-…::3`, `2::0`). Ids that name no known GPU (a MIG device's `MIG-…` UUID, an index past
+/// the GPU list) are kept as they are, so they never match a shared GPU by accident.
+pub fn gpu_uuid_of(id: &str, gpus: &[crate::discovery::DiscoveredGpu]) -> String {
+    let base = id.split_once("::").map_or(id, |(base, _replica)| base);
+    if !base.is_empty() && base.bytes().all(|byte| byte.is_ascii_digit()) {
+        if let Some(gpu) = base
+            .parse::<u32>()
+            .ok()
+            .and_then(|index| gpus.iter().find(|gpu| gpu.index == index))
+        {
+            return gpu.uuid.clone();
+        }
+    }
+    base.to_owned()
+}
+
 /// Where native GPU use is read from.
 #[derive(Debug, Clone)]
 pub struct NativeSource {
@@ -209,6 +228,28 @@ impl NativeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_plugin_ids_name_gpus_by_uuid_index_or_replica() {
+        let gpu = |index: u32, uuid: &str| crate::discovery::DiscoveredGpu {
+            index,
+            uuid: uuid.to_owned(),
+            model: "NVIDIA H100".to_owned(),
+            vram_bytes: 1,
+        };
+        let gpus = [gpu(0, "GPU-aaa"), gpu(1, "GPU-bbb")];
+        for (id, uuid) in [
+            ("GPU-aaa", "GPU-aaa"),
+            ("GPU-bbb::3", "GPU-bbb"),
+            ("1", "GPU-bbb"),
+            ("0::2", "GPU-aaa"),
+            ("7", "7"),
+            ("MIG-1234", "MIG-1234"),
+            ("", ""),
+        ] {
+            assert_eq!(gpu_uuid_of(id, &gpus), uuid, "{id}");
+        }
+    }
 
     #[test]
     fn checkpoint_with_numa_map_and_with_list() {

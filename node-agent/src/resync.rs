@@ -259,6 +259,7 @@ mod tests {
         let uuid = grant.gpu_uuids[0].clone();
         let assignment = Assignment {
             node: "gpu-node-1".to_owned(),
+            pod_uid: None,
             grant,
         };
         state

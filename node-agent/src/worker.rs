@@ -176,18 +176,29 @@ impl WorkerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Assignment {
     pub node: String,
+    /// The pod the grant was made for. A pod created from another pod's manifest (a copied
+    /// `kubectl get -o yaml`) carries that pod's annotation; its own uid tells it apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     #[serde(flatten)]
     pub grant: Grant,
 }
 
 impl Assignment {
+    /// The grant recorded on `pod`; an error if it cannot be read or was made for another pod.
     pub fn from_pod(pod: &Pod) -> Result<Option<Self>, WorkerError> {
-        annotation(pod, ASSIGNMENT)
-            .map(|text| {
-                serde_json::from_str(text)
-                    .map_err(|error| WorkerError::InvalidAssignment(error.to_string()))
-            })
-            .transpose()
+        let Some(text) = annotation(pod, ASSIGNMENT) else {
+            return Ok(None);
+        };
+        let assignment: Self = serde_json::from_str(text)
+            .map_err(|error| WorkerError::InvalidAssignment(error.to_string()))?;
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        match &assignment.pod_uid {
+            Some(made_for) if made_for != uid => Err(WorkerError::InvalidAssignment(format!(
+                "made for pod uid {made_for}, not this pod ({uid}); copied from another pod?"
+            ))),
+            _ => Ok(Some(assignment)),
+        }
     }
 
     /// The annotations that record this grant (and clear an earlier failure).
@@ -407,6 +418,7 @@ mod tests {
     fn assignment_round_trips_through_the_annotation() {
         let assignment = Assignment {
             node: "gpu-node-1".into(),
+            pod_uid: None,
             grant: Grant {
                 gpu_uuids: vec!["GPU-a".into(), "GPU-b".into()],
                 request: Resources {
@@ -431,5 +443,30 @@ mod tests {
             r#"{"node":"gpu-node-1","gpuUuids":["GPU-a","GPU-b"],"request":{"tflops":100.0,"vramBytes":1},"limit":{"tflops":200.0,"vramBytes":2}}"#
         );
         assert_eq!(Assignment::from_pod(&pod).unwrap(), Some(assignment));
+    }
+
+    #[test]
+    fn an_assignment_copied_from_another_pod_is_not_this_pods() {
+        let mut pod = injected_pod();
+        pod.metadata.uid = Some("uid-new".into());
+        let recorded = |made_for: &str| {
+            format!(
+                r#"{{"node":"gpu-node-1","podUid":"{made_for}","gpuUuids":["GPU-a"],"request":{{"tflops":1.0,"vramBytes":1}},"limit":{{"tflops":1.0,"vramBytes":1}}}}"#
+            )
+        };
+        let annotations = pod.metadata.annotations.get_or_insert_default();
+        annotations.insert(ASSIGNMENT.into(), recorded("uid-old"));
+        let error = Assignment::from_pod(&pod).unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "invalid annotation tensor-fusion.ai/assignment: made for pod uid uid-old, not this \
+             pod (uid-new); copied from another pod?"
+        );
+        pod.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ASSIGNMENT.into(), recorded("uid-new"));
+        let own = Assignment::from_pod(&pod).unwrap().unwrap();
+        assert_eq!(own.pod_uid.as_deref(), Some("uid-new"));
     }
 }

@@ -182,6 +182,7 @@ fn node(host_root: &Path, workloads: &[Workload]) -> (AgentState, Vec<Tenant>) {
                 spec,
                 assignment: Assignment {
                     node: "gpu-node-1".to_owned(),
+                    pod_uid: None,
                     grant,
                 },
             },
