@@ -165,14 +165,14 @@ pub fn gpus_in_checkpoint(path: &Path, text: &str) -> Result<BTreeSet<String>, N
 /// the GPU list) are kept as they are, so they never match a shared GPU by accident.
 pub fn gpu_uuid_of(id: &str, gpus: &[crate::discovery::DiscoveredGpu]) -> String {
     let base = id.split_once("::").map_or(id, |(base, _replica)| base);
-    if !base.is_empty() && base.bytes().all(|byte| byte.is_ascii_digit()) {
-        if let Some(gpu) = base
-            .parse::<u32>()
-            .ok()
-            .and_then(|index| gpus.iter().find(|gpu| gpu.index == index))
-        {
-            return gpu.uuid.clone();
-        }
+    let by_index = base
+        .bytes()
+        .all(|byte| byte.is_ascii_digit())
+        .then(|| base.parse::<u32>().ok())
+        .flatten()
+        .and_then(|index| gpus.iter().find(|gpu| gpu.index == index));
+    if let Some(gpu) = by_index {
+        return gpu.uuid.clone();
     }
     base.to_owned()
 }
