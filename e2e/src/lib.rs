@@ -61,6 +61,18 @@ impl Cluster {
         Ok(String::from_utf8(output.stdout)?)
     }
 
+    /// Runs kubectl and returns its standard output whatever its exit status (`kubectl auth
+    /// can-i` answers "no" with status 1).
+    pub fn kubectl_output(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
     /// Applies a YAML document through `kubectl apply`.
     pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
         let mut child = Command::new("kubectl")

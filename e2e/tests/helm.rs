@@ -122,9 +122,26 @@ async fn chart_lints_and_renders_with_default_and_production_values() -> anyhow:
         "path: /opt/tensor-fusion/lib",
         "nvidia.com/gpu.present: \"true\"",
         "image: ghcr.io/tensor-fusion-rs/tensor-fusion-node-agent:0.1.0",
+        "hostPID: true",
+        "path: /var/lib/tensor-fusion",
+        "mountPath: /var/lib/tensor-fusion",
+        "path: /healthz\n              port: http",
     ] {
         assert!(daemon_set.contains(expected), "DaemonSet lacks {expected}");
     }
+    // The agent labels its node (GPU model and count, hosts-shared-workers): patch on nodes.
+    let agent_role = documents(&default, "ClusterRole")
+        .into_iter()
+        .find(|role| role.contains("name: tfh-tensor-fusion-node-agent"))
+        .expect("the node agent's ClusterRole");
+    assert!(
+        agent_role.contains("resources: [nodes]\n    verbs: [get, list, watch, patch]")
+            || agent_role.contains(
+                "- nodes\n    verbs:\n      - get\n      - list\n      - watch\n      - patch"
+            ),
+        "{agent_role}"
+    );
+    assert!(!documents(&default, "Deployment")[0].contains("--progressive-migration"));
 
     let rendered = helm.run(&[
         "template",
@@ -150,9 +167,23 @@ async fn chart_lints_and_renders_with_default_and_production_values() -> anyhow:
         );
     }
     assert!(documents(&rendered, "PodDisruptionBudget")[0].contains("maxUnavailable: 1"));
+    assert!(deployment.contains("- --progressive-migration"));
     let configuration = documents(&rendered, "MutatingWebhookConfiguration")[0];
-    assert!(configuration.contains("name: native-pods.webhook.tensor-fusion.ai"));
-    assert!(configuration.contains("failurePolicy: Ignore"));
+    let (labelled, native) = configuration
+        .split_once("- name: native-pods.webhook.tensor-fusion.ai")
+        .expect("the native entry");
+    assert!(labelled.contains("failurePolicy: Fail") && labelled.contains("timeoutSeconds: 10"));
+    for expected in [
+        "failurePolicy: Ignore",
+        "timeoutSeconds: 2",
+        "- name: asks-for-nvidia-gpus",
+        "'nvidia.com/gpu' in c.resources.limits",
+    ] {
+        assert!(
+            native.contains(expected),
+            "the native entry lacks {expected:?}"
+        );
+    }
     let config_map = documents(&rendered, "ConfigMap")[0];
     assert!(config_map.contains("host: <db-instance>.us-west-2.aws.greptime.cloud"));
     // The node agent's own parser reads the rendered agent.json.
@@ -167,6 +198,10 @@ async fn chart_lints_and_renders_with_default_and_production_values() -> anyhow:
     assert!(agent.nvidia_operator_progressive_migration);
     assert_eq!(agent.max_worker_per_node, 256);
     assert_eq!(agent.vram_weight, 0.7);
+    assert_eq!(
+        agent.state_dir,
+        std::path::Path::new("/var/lib/tensor-fusion")
+    );
     assert_eq!(agent.tflops_weight, 0.3);
     assert!(documents(&rendered, "StatefulSet")[0].contains("replicas: 3"));
 
@@ -426,6 +461,24 @@ async fn install_mutate_upgrade_renew_and_uninstall_without_leftovers() -> anyho
         (2, 0),
         "prepare and publish Jobs ran and succeeded"
     );
+
+    // The node agent's service account may do what the agent does, and no more on nodes.
+    let agent = format!(
+        "system:serviceaccount:{}:{FULLNAME}-node-agent",
+        system.name
+    );
+    for (verb, resource, allowed) in [
+        ("patch", "nodes", "yes"),
+        ("patch", "nodes/status", "yes"),
+        ("watch", "pods", "yes"),
+        ("patch", "pods", "yes"),
+        ("create", "events", "yes"),
+        ("delete", "nodes", "no"),
+        ("delete", "pods", "no"),
+    ] {
+        let answer = cluster.kubectl_output(&["auth", "can-i", verb, resource, "--as", &agent])?;
+        assert_eq!(answer.trim(), allowed, "{agent} {verb} {resource}");
+    }
 
     // The Secret exists and the configuration trusts its CA.
     let secrets: Api<Secret> = Api::namespaced(cluster.client.clone(), &system.name);

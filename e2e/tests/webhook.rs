@@ -78,7 +78,14 @@ async fn setup() -> anyhow::Result<Option<Setup>> {
         return Ok(None);
     };
     let certs = TestCerts::generate()?;
-    let webhook = WebhookProcess::start(&cluster, certs.dir.path(), free_port()).await?;
+    // As the chart runs it with nvidiaOperatorProgressiveMigration (the production values).
+    let webhook = WebhookProcess::start_with(
+        &cluster,
+        certs.dir.path(),
+        free_port(),
+        &["--progressive-migration"],
+    )
+    .await?;
     cluster
         .register_webhook(webhook.port, certs.ca_pem())
         .await?;
@@ -588,9 +595,16 @@ webhooks:
     namespaceSelector:
       matchExpressions:
         - {{ key: kubernetes.io/metadata.name, operator: NotIn, values: ["kube-system"] }}
+    matchConditions:
+      - name: asks-for-nvidia-gpus
+        expression: >-
+          [object.spec.containers, has(object.spec.initContainers) ? object.spec.initContainers : []].exists(list,
+          list.exists(c, has(c.resources) &&
+          ((has(c.resources.limits) && 'nvidia.com/gpu' in c.resources.limits) ||
+          (has(c.resources.requests) && 'nvidia.com/gpu' in c.resources.requests))))
     sideEffects: None
     failurePolicy: Ignore
-    timeoutSeconds: 5
+    timeoutSeconds: 2
 "#,
         port = webhook.port,
         ca = base64_encode(certs.ca_pem()),
@@ -606,7 +620,7 @@ webhooks:
             "--overwrite",
         ])?;
     }
-    let result = native_pods_land_elsewhere(cluster).await;
+    let result = native_pods_land_elsewhere(cluster, webhook).await;
     for node in shared_nodes {
         let _ = cluster.kubectl(&[
             "label",
@@ -623,7 +637,10 @@ webhooks:
     result
 }
 
-async fn native_pods_land_elsewhere(cluster: &Cluster) -> anyhow::Result<()> {
+async fn native_pods_land_elsewhere(
+    cluster: &Cluster,
+    webhook: &WebhookProcess,
+) -> anyhow::Result<()> {
     let namespace = cluster.namespace("tf-native").await?;
     let ns = namespace.name.as_str();
     let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), ns);
@@ -686,14 +703,66 @@ async fn native_pods_land_elsewhere(cluster: &Cluster) -> anyhow::Result<()> {
             Some("1")
         );
     }
-    // A pod that asks for no GPU passes the native entry untouched.
+    // A labelled Deployment rolled back with enabled-replicas "0" is native: kept off too.
+    let rolled_back = pod_template(
+        "rolled-back",
+        "true",
+        &[("tensor-fusion.ai/enabled-replicas", "0")],
+    );
+    deployments
+        .create(
+            &PostParams::default(),
+            &deployment("rolled-back", 2, rolled_back),
+        )
+        .await?;
+    wait_for(
+        "2 rolled-back pods to be scheduled",
+        Duration::from_secs(60),
+        || async {
+            let pods = cluster.live_pods(ns, "app=rolled-back").await?;
+            Ok(pods.len() == 2
+                && pods.iter().all(|pod| {
+                    pod.spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_name.as_ref())
+                        .is_some()
+                }))
+        },
+    )
+    .await?;
+    for pod in cluster.live_pods(ns, "app=rolled-back").await? {
+        assert!(annotation(&pod, "tensor-fusion.ai/native").is_some());
+        assert_eq!(
+            pod.spec.and_then(|spec| spec.node_name).as_deref(),
+            Some("gpu-node-3"),
+            "a rolled-back pod is kept off shared nodes"
+        );
+    }
+
+    // A pod that asks for no GPU is not even sent to the native entry (its match condition).
+    let skipped_before = skipped_reviews(webhook).await?;
     let cpu_pod: Pod = serde_json::from_value(json!({
         "metadata": { "name": "cpu-only" },
         "spec": { "containers": [{ "name": "main", "image": "app" }] }
     }))?;
     let created = pods.create(&PostParams::default(), &cpu_pod).await?;
     assert!(created.spec.and_then(|spec| spec.affinity).is_none());
+    assert_eq!(skipped_reviews(webhook).await?, skipped_before);
     Ok(())
+}
+
+/// `tensor_fusion_webhook_admissions_total{decision="skipped"}` from the webhook's `/metrics`.
+async fn skipped_reviews(webhook: &WebhookProcess) -> anyhow::Result<u64> {
+    let (_, text) = webhook.ops_get("/metrics").await?;
+    Ok(text
+        .lines()
+        .find(|line| {
+            line.starts_with("tensor_fusion_webhook_admissions_total")
+                && line.contains("decision=\"skipped\"")
+        })
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0))
 }
 
 fn base64_encode(text: &str) -> String {

@@ -44,14 +44,15 @@ impl HostSizes {
     }
 }
 
-fn disk_size(path: &std::path::Path) -> Option<u64> {
+/// The size of the file system holding `path` (`statvfs`: blocks × fragment size).
+pub fn disk_size(path: &std::path::Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
     let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `path` is NUL-terminated and `stats` is a writable statvfs.
     let result = unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) };
     if result != 0 {
-        return None;
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: statvfs succeeded, so it filled the struct.
     let stats = unsafe { stats.assume_init() };
@@ -59,7 +60,7 @@ fn disk_size(path: &std::path::Path) -> Option<u64> {
         clippy::useless_conversion,
         reason = "the field types differ between targets"
     )]
-    Some(u64::from(stats.f_blocks).saturating_mul(u64::from(stats.f_frsize)))
+    Ok(u64::from(stats.f_blocks).saturating_mul(u64::from(stats.f_frsize)))
 }
 
 /// The capacity of each discovered GPU under `config`. Models missing from the table get 0
@@ -119,6 +120,22 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn the_disk_under_the_state_dir_is_measured_and_a_missing_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(disk_size(dir.path()).unwrap() > 0);
+        assert_eq!(
+            HostSizes::read(dir.path()).disk_bytes,
+            disk_size(dir.path()).unwrap()
+        );
+        let missing = dir.path().join("missing");
+        assert_eq!(
+            disk_size(&missing).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        assert_eq!(HostSizes::read(&missing).disk_bytes, 0);
+    }
 
     #[test]
     fn oversubscription_as_the_guide_sets_it() {

@@ -127,6 +127,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(config.host_root.join("pods"))
         .with_context(|| format!("creating {}", config.host_root.join("pods").display()))?;
+    if config.vram_expand_to_host_disk > 0.0 {
+        capacity::disk_size(&config.state_dir).with_context(|| {
+            format!(
+                "stateDir {}: its disk backs vramExpandToHostDisk = {} but cannot be measured",
+                config.state_dir.display(),
+                config.vram_expand_to_host_disk
+            )
+        })?;
+    }
     let host = capacity::HostSizes::read(&config.state_dir);
     let client = kube::Client::try_default()
         .await

@@ -124,11 +124,23 @@ struct StatusOut<'a> {
 /// Decides and patches pods.
 pub struct Admitter<S> {
     slots: S,
+    /// Labelled pods left native get the node anti-affinity too (progressive migration).
+    guard_native: bool,
 }
 
 impl<S: SlotStore> Admitter<S> {
     pub fn new(slots: S) -> Self {
-        Self { slots }
+        Self {
+            slots,
+            guard_native: false,
+        }
+    }
+
+    /// With `on`, a labelled pod left native that asks for `nvidia.com/gpu` is kept off nodes
+    /// hosting shared workers (`--progressive-migration`), like an unlabelled native GPU pod.
+    pub fn keeping_native_gpu_pods_off_shared_nodes(mut self, on: bool) -> Self {
+        self.guard_native = on;
+        self
     }
 
     pub fn slots(&self) -> &S {
@@ -199,7 +211,7 @@ impl<S: SlotStore> Admitter<S> {
 
         // Rollback must work even when the other annotations are broken, so `0` is read first.
         match read_enabled_replicas(annotations) {
-            Ok(Some(0)) => return native(&pod_key, &metadata, rolled_back_reason()),
+            Ok(Some(0)) => return self.native(&pod_key, pod, &metadata, rolled_back_reason()),
             Ok(_) => {}
             Err(error) => return deny(&pod_key, &error.to_string()),
         }
@@ -221,7 +233,9 @@ impl<S: SlotStore> Admitter<S> {
         let mut labels_out = Vec::new();
         match CanaryPlan::for_pod(&metadata, spec.enabled_replicas) {
             CanaryPlan::Unlimited => {}
-            CanaryPlan::RolledBack => return native(&pod_key, &metadata, rolled_back_reason()),
+            CanaryPlan::RolledBack => {
+                return self.native(&pod_key, pod, &metadata, rolled_back_reason());
+            }
             CanaryPlan::NoController => annotations_out.push((
                 keys::CANARY,
                 format!(
@@ -237,7 +251,7 @@ impl<S: SlotStore> Admitter<S> {
                     "StatefulSet ordinal {ordinal} is not below {} {limit}",
                     keys::ENABLED_REPLICAS
                 );
-                return native(&pod_key, &metadata, reason);
+                return self.native(&pod_key, pod, &metadata, reason);
             }
             CanaryPlan::Slot { owner, limit } => {
                 let dry_run = request.dry_run.unwrap_or(false);
@@ -249,12 +263,12 @@ impl<S: SlotStore> Admitter<S> {
                     }
                     Ok(SlotOutcome::Full { in_use }) => {
                         let reason = format!("canary quota {in_use}/{limit} in use");
-                        return native(&pod_key, &metadata, reason);
+                        return self.native(&pod_key, pod, &metadata, reason);
                     }
                     Err(error) => {
                         warn!(pod = %pod_key, %error, "Canary slot undecided; leaving pod native");
                         let reason = format!("canary slot could not be checked: {error}");
-                        return native(&pod_key, &metadata, reason);
+                        return self.native(&pod_key, pod, &metadata, reason);
                     }
                 }
             }
@@ -289,10 +303,22 @@ fn guard_native(pod_key: &str, pod: &Value) -> Verdict {
     if !native::asks_for_native_gpus(pod) {
         return Verdict::skipped();
     }
+    info!(pod = %pod_key, decision = "native-guarded", "Native GPU pod kept off nodes with shared workers");
+    Verdict {
+        decision: Decision::NativeGuarded,
+        patch: Some(Value::Array(keep_off_shared_nodes_operations(pod))),
+        denial: None,
+    }
+}
+
+/// The JSON patch operations that add the node anti-affinity of a native GPU pod.
+fn keep_off_shared_nodes_operations(pod: &Value) -> Vec<Value> {
     let mut edited = pod.clone();
     native::keep_off_shared_nodes(&mut edited);
-    info!(pod = %pod_key, decision = "native-guarded", "Native GPU pod kept off nodes with shared workers");
-    patched(pod, &edited, Decision::NativeGuarded)
+    match serde_json::to_value(json_patch::diff(pod, &edited)) {
+        Ok(Value::Array(operations)) => operations,
+        _ => unreachable!("a JSON patch serializes to a JSON array"),
+    }
 }
 
 fn rolled_back_reason() -> String {
@@ -330,31 +356,29 @@ fn deny(pod_key: &str, message: &str) -> Verdict {
     }
 }
 
-/// Leaves the pod native: the patch adds the one annotation that says why.
-fn native(pod_key: &str, metadata: &ObjectMeta, reason: String) -> Verdict {
-    info!(pod = %pod_key, decision = "native", reason = %reason, "Pod admitted");
-    let mut operations = Vec::with_capacity(1);
-    let note = vec![(keys::NATIVE, reason)];
-    metadata_operations(
-        &mut operations,
-        metadata.annotations.is_some(),
-        "annotations",
-        note,
-    );
-    Verdict {
-        decision: Decision::Native,
-        patch: Some(Value::Array(operations)),
-        denial: None,
-    }
-}
-
-fn patched(before: &Value, after: &Value, decision: Decision) -> Verdict {
-    let operations = serde_json::to_value(json_patch::diff(before, after))
-        .expect("a JSON patch serializes to JSON");
-    Verdict {
-        decision,
-        patch: Some(operations),
-        denial: None,
+impl<S> Admitter<S> {
+    /// Leaves the pod native: the patch adds the one annotation that says why (and, under
+    /// progressive migration, the node anti-affinity of a native GPU pod).
+    fn native(&self, pod_key: &str, pod: &Value, metadata: &ObjectMeta, reason: String) -> Verdict {
+        let guarded = self.guard_native && native::asks_for_native_gpus(pod);
+        info!(pod = %pod_key, decision = "native", reason = %reason, kept_off_shared_nodes = guarded, "Pod admitted");
+        let mut operations = if guarded {
+            keep_off_shared_nodes_operations(pod)
+        } else {
+            Vec::with_capacity(1)
+        };
+        let note = vec![(keys::NATIVE, reason)];
+        metadata_operations(
+            &mut operations,
+            metadata.annotations.is_some(),
+            "annotations",
+            note,
+        );
+        Verdict {
+            decision: Decision::Native,
+            patch: Some(Value::Array(operations)),
+            denial: None,
+        }
     }
 }
 

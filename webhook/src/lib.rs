@@ -67,6 +67,11 @@ pub struct Options {
     /// its slot, in seconds.
     #[arg(long, default_value_t = slots::DEFAULT_CLAIM_GRACE.as_secs_f64())]
     pub claim_grace_seconds: f64,
+    /// `nvidiaOperatorProgressiveMigration`: labelled pods left native (canary quota full,
+    /// `enabled-replicas: "0"`) that ask for `nvidia.com/gpu` also get the node anti-affinity
+    /// that keeps them off nodes hosting shared workers, as unlabelled native GPU pods do.
+    #[arg(long, env = "TF_WEBHOOK_PROGRESSIVE_MIGRATION")]
+    pub progressive_migration: bool,
     /// How long requests in flight may take to finish after SIGTERM, in seconds.
     #[arg(long, default_value_t = 20.0)]
     pub shutdown_grace_seconds: f64,
@@ -92,7 +97,10 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let (synced_tx, synced_rx) = watch::channel(false);
     tokio::spawn(claims.clone().run(client.clone(), synced_tx));
     let grace = Duration::from_secs_f64(options.claim_grace_seconds);
-    let admitter = Arc::new(Admitter::new(LeaseSlots::new(client, claims, grace)));
+    let admitter = Arc::new(
+        Admitter::new(LeaseSlots::new(client, claims, grace))
+            .keeping_native_gpu_pods_off_shared_nodes(options.progressive_migration),
+    );
 
     let admission = TcpListener::bind(options.listen)
         .await

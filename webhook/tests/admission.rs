@@ -371,3 +371,51 @@ async fn unlabelled_gpu_pods_are_kept_off_shared_nodes_and_others_pass() {
     assert!(response["response"]["patch"].is_null());
     assert_eq!(response["response"]["allowed"], true);
 }
+
+#[tokio::test]
+async fn under_progressive_migration_labelled_pods_left_native_are_kept_off_shared_nodes_too() {
+    let admitter =
+        Admitter::new(MemorySlots::default()).keeping_native_gpu_pods_off_shared_nodes(true);
+    let sent: Value = serde_json::from_slice(&review(|_| {})).unwrap();
+    let requirement = json!({
+        "key": "tensor-fusion.ai/hosts-shared-workers", "operator": "NotIn", "values": ["true"]
+    });
+    let terms = |pod: &Value| {
+        pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            ["nodeSelectorTerms"]
+            .clone()
+    };
+
+    // Shared pods go to the shared nodes: no anti-affinity.
+    for _ in 0..3 {
+        let (decision, _, pod) = admit(&admitter, &review(|_| {})).await;
+        assert_eq!(decision, Decision::Shared);
+        assert_eq!(terms(&pod), Value::Null);
+    }
+    // The quota is full: native, and off the shared nodes, the rest of the spec as sent.
+    let (decision, _, pod) = admit(&admitter, &review(|_| {})).await;
+    assert_eq!(decision, Decision::Native);
+    assert_eq!(terms(&pod), json!([{ "matchExpressions": [requirement] }]));
+    assert_eq!(
+        annotations(&pod)["tensor-fusion.ai/native"],
+        "canary quota 3/3 in use"
+    );
+    let mut without_affinity = pod["spec"].clone();
+    without_affinity.as_object_mut().unwrap().remove("affinity");
+    assert_eq!(without_affinity, sent["request"]["object"]["spec"]);
+
+    // Rolled back with enabled-replicas "0": the same.
+    let body = review(annotate(&[(
+        "tensor-fusion.ai/enabled-replicas",
+        Some("0"),
+    )]));
+    let (decision, _, pod) = admit(&admitter, &body).await;
+    assert_eq!(decision, Decision::Native);
+    assert_eq!(terms(&pod), json!([{ "matchExpressions": [requirement] }]));
+
+    // Without the option a native pod keeps its spec exactly.
+    let plain = Admitter::new(MemorySlots::default());
+    let (decision, _, pod) = admit(&plain, &body).await;
+    assert_eq!(decision, Decision::Native);
+    assert_eq!(pod["spec"], sent["request"]["object"]["spec"]);
+}
