@@ -706,7 +706,10 @@ impl Agent {
         }
         debug!(node = %node, gpus = gpu_count, rebuilt = outcome.rebuilt, "Resynced GPUs and node status");
         self.publish_node_status().await;
-        if outcome.rebuilt {
+        // Also the safety net for pods whose assignment could not be recorded (an API error):
+        // nothing else may happen to them before the next resync.
+        let waiting = !self.state.lock().await.pending.is_empty();
+        if outcome.rebuilt || waiting {
             self.retry_pending().await;
         }
         outcome
