@@ -229,6 +229,52 @@ impl NativeSource {
 mod tests {
     use super::*;
 
+    /// A protobuf length-delimited field: key (field number, wire type 2), length, bytes.
+    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3) | 2, u8::try_from(bytes.len()).unwrap()];
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    #[test]
+    fn a_list_answer_encoded_by_the_official_field_numbers_decodes() {
+        // Field numbers of k8s.io/kubelet/pkg/apis/podresources/v1/api.proto, with fields this
+        // agent does not read (topology, cpu_ids) present, as kubelet sends them.
+        let topology = field(3, &field(1, &[0x08, 0x00])); // TopologyInfo{nodes: [{ID: 0}]}
+        let devices = [
+            field(1, b"nvidia.com/gpu"),
+            field(2, b"GPU-aaa"),
+            field(2, b"GPU-bbb::1"),
+            topology,
+        ]
+        .concat();
+        let other = [field(1, b"rdma/hca"), field(2, b"mlx5_0")].concat();
+        let cpu_ids = field(3, &[4, 6]); // packed int64
+        let container = [
+            field(1, b"cuda"),
+            field(2, &devices),
+            field(2, &other),
+            cpu_ids,
+        ]
+        .concat();
+        let pod = [
+            field(1, b"trainer-0"),
+            field(2, b"ml"),
+            field(3, &container),
+        ]
+        .concat();
+        let response = field(1, &pod);
+
+        let decoded = <ListPodResourcesResponse as prost::Message>::decode(&response[..]).unwrap();
+        assert_eq!(decoded.pod_resources[0].name, "trainer-0");
+        assert_eq!(decoded.pod_resources[0].namespace, "ml");
+        assert_eq!(decoded.pod_resources[0].containers[0].name, "cuda");
+        assert_eq!(
+            gpus_in_response(&decoded),
+            BTreeSet::from(["GPU-aaa".to_owned(), "GPU-bbb::1".to_owned()])
+        );
+    }
+
     #[test]
     fn device_plugin_ids_name_gpus_by_uuid_index_or_replica() {
         let gpu = |index: u32, uuid: &str| crate::discovery::DiscoveredGpu {
