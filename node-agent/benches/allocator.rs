@@ -1,11 +1,17 @@
 //! Allocation decisions per second on a node with 8 GPUs and 256 workers (`maxWorkerPerNode`),
-//! and the memory one worker's grant costs the allocator. Results in docs/benchmarks.md.
+//! and the heap memory one worker costs (the allocator's grant and the agent's record, measured
+//! with a counting global allocator). Results in docs/benchmarks.md.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use std::hint::black_box;
+use tensor_fusion_node_agent::agent::WorkerRecord;
 use tensor_fusion_node_agent::allocator::{
     Allocator, GpuCapacity, Policy, Resources, ShareRequest,
 };
+use tensor_fusion_node_agent::worker::{Assignment, ContainerSpec, WorkerSpec};
 
 const GIB: u64 = 1 << 30;
 
@@ -73,22 +79,84 @@ fn allocation(c: &mut Criterion) {
     });
     group.finish();
 
-    // Memory per worker: heap bytes the grants of 256 workers hold, estimated from their parts.
-    let grants = full_node();
-    let per_worker: usize = grants
-        .grants()
-        .iter()
-        .map(|(worker, grant)| {
-            worker.capacity()
-                + std::mem::size_of_val(grant)
-                + grant.gpu_uuids.capacity() * std::mem::size_of::<String>()
-                + grant.gpu_uuids.iter().map(String::capacity).sum::<usize>()
-                + std::mem::size_of::<(String, u64)>()
-        })
-        .sum::<usize>()
-        / grants.grants().len();
-    println!("allocator memory per worker: ~{per_worker} bytes (grant, key and map entry)");
+    // Memory per worker, measured: live heap bytes (counted by the global allocator below) of
+    // the allocator's grants plus the agent's per-worker records, for 256 workers.
+    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    let mut allocator = node();
+    let mut records = std::collections::BTreeMap::new();
+    for worker in 0..256u64 {
+        let uid = format!("3f0c{worker:04x}-6b1e-4c2a-9d7e-0a1b2c3d4e5f");
+        let grant = allocator
+            .allocate(&uid, &share(1 + worker % 3))
+            .expect("256 small workers fit 8 GPUs");
+        let spec = WorkerSpec {
+            namespace: "inference".to_owned(),
+            name: format!("llm-serving-7d9f8b6c5d-{worker:05x}"),
+            uid: uid.clone(),
+            containers: vec![ContainerSpec {
+                name: "python".to_owned(),
+                gpu_count: 1,
+                tflops_request: Some(10.0),
+                tflops_limit: Some(30.0),
+                vram_request: Some(GIB),
+                vram_limit: Some(GIB),
+            }],
+        };
+        let assignment = Assignment {
+            node: "gpu-node-1".to_owned(),
+            pod_uid: Some(uid.clone()),
+            grant,
+        };
+        records.insert(uid, WorkerRecord { spec, assignment });
+    }
+    let after = LIVE_BYTES.load(Ordering::Relaxed);
+    let empty = {
+        let start = LIVE_BYTES.load(Ordering::Relaxed);
+        let node = node();
+        let bytes = LIVE_BYTES.load(Ordering::Relaxed) - start;
+        drop(node);
+        bytes
+    };
+    println!(
+        "memory per worker (measured): {} bytes of heap for the grant and the agent's record \
+         ({} workers, {} bytes in all, {} bytes of it the empty 8-GPU allocator)",
+        (after - before - empty) / records.len(),
+        records.len(),
+        after - before,
+        empty
+    );
+    black_box((allocator, records));
 }
+
+/// Counts live heap bytes, for the memory measurement.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator and only adds counting.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE_BYTES.fetch_add(new_size, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 criterion_group!(benches, allocation);
 criterion_main!(benches);
