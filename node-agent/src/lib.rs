@@ -160,7 +160,21 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         );
     }
     if let Some(window) = config.steering_window() {
-        tasks.spawn(steering::run(agent.clone(), nvml, window));
+        // Its own thread (not `spawn_blocking`, which would hold the runtime's shutdown); the
+        // channel closes when the thread ends, even by a panic, and that ends the agent.
+        let steering_agent = agent.clone();
+        let (alive, ended) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("steering".to_owned())
+            .spawn(move || {
+                let _alive = alive;
+                steering::run_blocking(steering_agent, nvml, window);
+            })
+            .context("starting the steering thread")?;
+        tasks.spawn(async move {
+            let _ = ended.await;
+            tracing::error!("the steering loop stopped");
+        });
     }
     let app = server::router(agent);
     tasks.spawn(async move {
@@ -169,9 +183,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         }
     });
     tracing::info!(listen = %config.listen, "Node agent running");
+    // Nothing to flush on the way out: the pods' annotations and the limits files are the state.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing a SIGTERM handler")?;
     tokio::select! {
         _ = tasks.join_next() => anyhow::bail!("an agent task stopped"),
         _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = terminate.recv() => {
+            tracing::info!("SIGTERM: stopping");
+            Ok(())
+        }
     }
 }
 

@@ -410,17 +410,23 @@ impl SteeringLoop {
     }
 }
 
-/// Runs the loop, one step per `window`, until the process stops.
-pub async fn run(agent: Arc<Agent>, nvml: Nvml, window: Duration) {
-    let mut interval = tokio::time::interval(window);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let started = tokio::time::Instant::now();
+/// Runs the loop, one step per `window`, until the process stops. Blocking: NVML calls, `/proc`
+/// reads and usage-file maps, so it runs on a thread of its own (`spawn_blocking`), where a slow
+/// or hung NVML never stalls the pod watch or the HTTP server.
+pub fn run_blocking(agent: Arc<Agent>, nvml: Nvml, window: Duration) {
+    let started = std::time::Instant::now();
+    let mut next = started + window;
     let mut steering = SteeringLoop::new();
     let mut source = NvmlUtilisation(&nvml);
     loop {
-        interval.tick().await;
+        let now = std::time::Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        // A late step is not made up for: the next one is a window after this one.
+        next = std::time::Instant::now().max(next) + window;
         let by_gpu = {
-            let state = agent.state.lock().await;
+            let state = agent.state.blocking_lock();
             tenants(&agent.config.host_root, &state)
         };
         steering.step(started.elapsed().as_secs_f64(), &by_gpu, &mut source);
