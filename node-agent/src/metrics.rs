@@ -111,7 +111,11 @@ impl MetricsSnapshot {
                         namespace: record.spec.namespace.clone(),
                         pod: record.spec.name.clone(),
                         container: container.name.clone(),
-                        vram_granted_bytes: container.vram_request.unwrap_or(0),
+                        // Over all its GPUs, like the usage series.
+                        vram_granted_bytes: container
+                            .vram_request
+                            .unwrap_or(0)
+                            .saturating_mul(u64::from(container.gpu_count)),
                         usage_path: usage_file_path(&dir, &container.name),
                         gpu_count: container.gpu_count as usize,
                         usage: None,
@@ -279,7 +283,7 @@ impl Collector for MetricsSnapshot {
         let workers = &self.workers;
         gauge_family(
             "tensor_fusion_agent_worker_vram_granted",
-            "VRAM request granted to the container, per GPU.",
+            "VRAM request granted to the container, over all its GPUs.",
             Some(Unit::Bytes),
         )
         .encode(encoder, workers, WorkerRow::labels, |worker| {
@@ -400,6 +404,17 @@ mod tests {
         let mut snapshot = MetricsSnapshot::take(host_root, state);
         snapshot.read_usage();
         snapshot.render()
+    }
+
+    #[test]
+    fn a_multi_gpu_containers_grant_is_its_total_like_its_usage() {
+        let root = tempfile::tempdir().unwrap();
+        let mut state = state_with_one_worker();
+        for record in state.workers.values_mut() {
+            record.spec.containers[0].gpu_count = 2;
+        }
+        let text = scrape(root.path(), &state);
+        assert!(text.contains("tensor_fusion_agent_worker_vram_granted_bytes{namespace=\"ml\",pod=\"inference-1\",container=\"python\"} 6442450944\n"), "{text}");
     }
 
     #[test]
