@@ -125,7 +125,15 @@ start() {
   local name=$1; shift
   log "starting $name"
   setsid "$@" </dev/null >"$(log_file "$name")" 2>&1 &
-  echo $! >"$(pid_file "$name")"
+  local pid=$! tries
+  echo "$pid" >"$(pid_file "$name")"
+  # Until it execs, the child's command line is this script's, and `component_pid` would
+  # take it for a process that died (on a loaded machine the exec can lag the fork).
+  for ((tries = 0; tries < 200; tries++)); do
+    started_here "$pid" && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
 }
 
 # wait_until NAME SECONDS DESCRIPTION COMMAND...: polls COMMAND; fails early if NAME died.
