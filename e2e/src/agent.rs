@@ -95,10 +95,14 @@ impl AgentProcess {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
-        let binary = built_artifact(
-            "tensor-fusion-node-agent",
-            "cargo build -p tensor-fusion-node-agent",
-        )?;
+        // TF_E2E_AGENT_BINARY: another build of the agent (a benchmark's A/B).
+        let binary = match std::env::var_os("TF_E2E_AGENT_BINARY") {
+            Some(path) => PathBuf::from(path),
+            None => built_artifact(
+                "tensor-fusion-node-agent",
+                "cargo build -p tensor-fusion-node-agent",
+            )?,
+        };
         let nvml = built_artifact(
             "libtensor_fusion_mock_nvml.so",
             "cargo build -p tensor-fusion-mock-nvml",
@@ -207,4 +211,41 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A shared pod template as the webhook would leave it (annotation `tensor-fusion.ai/injected`,
+/// the `TF_*` environment and the extended resources; per-GPU TFLOPS 100/200 and `vram` bytes),
+/// without the enabled label, so it needs no webhook registration; required onto `nodes`.
+pub fn shared_template(app: &str, vram: u64, nodes: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {
+            "labels": { "app": app },
+            "annotations": { "tensor-fusion.ai/injected": "true" }
+        },
+        "spec": {
+            "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{ "matchExpressions": [{
+                    "key": "kubernetes.io/hostname", "operator": "In", "values": nodes
+                }]}]
+            }}},
+            "containers": [{
+                "name": "python",
+                "image": "registry.local/inference:1.4",
+                "env": [
+                    { "name": "TF_POD_UID", "valueFrom": { "fieldRef": { "fieldPath": "metadata.uid" } } },
+                    { "name": "TF_CONTAINER_NAME", "value": "python" },
+                    { "name": "TF_GPU_COUNT", "value": "1" },
+                    { "name": "TF_TFLOPS_REQUEST", "value": "100" },
+                    { "name": "TF_TFLOPS_LIMIT", "value": "200" },
+                    { "name": "TF_VRAM_REQUEST", "value": vram.to_string() },
+                    { "name": "TF_VRAM_LIMIT", "value": vram.to_string() },
+                    { "name": "TF_POD_DIR", "value": "/run/tensor-fusion/pod" }
+                ],
+                "resources": {
+                    "requests": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() },
+                    "limits": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() }
+                }
+            }]
+        }
+    })
 }

@@ -54,40 +54,9 @@ impl RestoreNodes {
     }
 }
 
-/// A shared pod template as the webhook would leave it: per-GPU TFLOPS 100/200 and `vram`
-/// bytes, pinned to the two agent nodes.
+/// A shared pod template as the webhook would leave it, pinned to the two agent nodes.
 fn shared_template(app: &str, vram: u64) -> Value {
-    json!({
-        "metadata": {
-            "labels": { "app": app },
-            "annotations": { "tensor-fusion.ai/injected": "true" }
-        },
-        "spec": {
-            "affinity": { "nodeAffinity": { "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{ "matchExpressions": [{
-                    "key": "kubernetes.io/hostname", "operator": "In", "values": NODES
-                }]}]
-            }}},
-            "containers": [{
-                "name": "python",
-                "image": "registry.local/inference:1.4",
-                "env": [
-                    { "name": "TF_POD_UID", "valueFrom": { "fieldRef": { "fieldPath": "metadata.uid" } } },
-                    { "name": "TF_CONTAINER_NAME", "value": "python" },
-                    { "name": "TF_GPU_COUNT", "value": "1" },
-                    { "name": "TF_TFLOPS_REQUEST", "value": "100" },
-                    { "name": "TF_TFLOPS_LIMIT", "value": "200" },
-                    { "name": "TF_VRAM_REQUEST", "value": vram.to_string() },
-                    { "name": "TF_VRAM_LIMIT", "value": vram.to_string() },
-                    { "name": "TF_POD_DIR", "value": "/run/tensor-fusion/pod" }
-                ],
-                "resources": {
-                    "requests": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() },
-                    "limits": { "tensor-fusion.ai/tflops": "100", "tensor-fusion.ai/vram": vram.to_string() }
-                }
-            }]
-        }
-    })
+    tensor_fusion_e2e::agent::shared_template(app, vram, &NODES)
 }
 
 fn deployment(app: &str, replicas: i32, vram: u64) -> Deployment {
@@ -431,7 +400,8 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
         .iter()
         .filter(|pod| assignment(pod).is_some())
         .collect();
-    assert_eq!(recorded.len(), 4, "the agent died after its 4th record");
+    // Assignments are recorded concurrently: patches in flight when it died may have landed.
+    assert!(recorded.len() >= 4, "the agent died after its 4th record");
     let with_files = recorded
         .iter()
         .filter(|pod| {
@@ -440,7 +410,10 @@ async fn agent_killed_mid_burst_restarts_without_over_commit_or_leaks() -> anyho
             dir.join("python.limits").exists()
         })
         .count();
-    assert_eq!(with_files, 3, "the 4th pod's files were never written");
+    assert_eq!(
+        with_files, 3,
+        "only the 3 assignments finished before the crash have files"
+    );
     agents[0].restart().await?;
 
     wait_for("30 assigned pods", Duration::from_secs(90), || async {

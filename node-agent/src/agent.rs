@@ -1,18 +1,24 @@
 //! The running agent: the node's allocation state and the Kubernetes edges around it.
 //!
-//! One task owns the decisions: it consumes a watch of the pods bound to this node. At every
-//! (re)list it rebuilds the allocator from the assignment annotations of the listed pods before
-//! it allocates anything, so a restarted agent starts from exactly what the pods run with. A new
-//! shared pod is allocated in memory, the grant is written on the pod with a merge patch that
-//! carries the pod's `resourceVersion` (the commit point; a conflict re-reads the pod), then its
-//! limits files are written. A pod that ends or goes away gives its grant back and its
-//! directory is removed; pods that did not fit are retried whenever something is freed.
+//! One task consumes a watch of the pods bound to this node. At every (re)list it rebuilds the
+//! allocator from the assignment annotations of the listed pods before it allocates anything, so
+//! a restarted agent starts from exactly what the pods run with. A new shared pod is allocated in
+//! memory, the grant is written on the pod with a merge patch that carries the pod's
+//! `resourceVersion` (the commit point; a conflict re-reads the pod), then its limits files are
+//! written. A pod that ends or goes away gives its grant back and its directory is removed; pods
+//! that did not fit are retried whenever something is freed.
+//!
+//! Each pod's events are handled in a task of their own ([`Agent::dispatch`]), so the patches of
+//! a burst are in flight together, while the events of one pod keep their order (a per-pod
+//! turn, taken in watch order) and a rebuild never overlaps a handler (the `epoch` lock: shared
+//! by handlers, exclusive for a rebuild). Decisions stay serial: they are made under the state
+//! lock, which no one holds across an API call.
 //! A second task polls the device plugin's native GPUs, a third re-discovers the GPUs and host
 //! sizes every `resyncSeconds` (module `resync`) and writes the node's resources and labels
 //! again, and a fourth serves HTTP; they only lock the state briefly.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -98,6 +104,12 @@ pub struct Agent {
     pub state: Mutex<AgentState>,
     /// [`CRASH_ENV`], read at start.
     crash_after: Option<u64>,
+    /// Per pod uid: whose turn it is to handle that pod (see [`Agent::dispatch`]).
+    pod_turns: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Shared by pod handlers, exclusive for a rebuild.
+    epoch: tokio::sync::RwLock<()>,
+    /// This agent, for the tasks it spawns.
+    me: Weak<Agent>,
 }
 
 /// See [`Agent::crash_point`].
@@ -122,7 +134,7 @@ impl Agent {
             ..AgentState::default()
         };
         resync::install(&mut state, gpus, host, &config);
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
             config,
             client,
             recorder,
@@ -134,7 +146,45 @@ impl Agent {
                 }
                 parsed
             }),
+            pod_turns: std::sync::Mutex::default(),
+            epoch: tokio::sync::RwLock::new(()),
+            me: me.clone(),
         })
+    }
+
+    /// Handles one event of a shared pod (`deleted`: it went away) in a task of its own, after
+    /// every earlier handler of the same pod and outside rebuilds. Returns once the pod's turn
+    /// is taken, so the caller's order is the order the pod's events are handled in.
+    async fn dispatch(&self, pod: Pod, deleted: bool) {
+        let Some(agent) = self.me.upgrade() else {
+            return;
+        };
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let turn = {
+            let mut turns = self.pod_turns.lock().expect("no panic while held");
+            turns.entry(uid.clone()).or_default().clone()
+        };
+        let turn = turn.lock_owned().await;
+        tokio::spawn(async move {
+            {
+                let _epoch = agent.epoch.read().await;
+                if deleted {
+                    agent.forget(&pod).await;
+                } else {
+                    agent.reconcile(pod).await;
+                }
+            }
+            drop(turn);
+            // Nobody waits for this pod any more: forget its turn (a gone pod has no later
+            // events; a live one gets a new entry when it has).
+            let mut turns = agent.pod_turns.lock().expect("no panic while held");
+            if turns
+                .get(&uid)
+                .is_some_and(|turn| Arc::strong_count(turn) == 1)
+            {
+                turns.remove(&uid);
+            }
+        });
     }
 
     fn pods(&self, namespace: &str) -> Api<Pod> {
@@ -154,14 +204,24 @@ impl Agent {
                 Ok(watcher::Event::Init) => listed.clear(),
                 Ok(watcher::Event::InitApply(pod)) => listed.push(pod),
                 Ok(watcher::Event::InitDone) => {
-                    self.rebuild(&listed).await;
-                    for pod in std::mem::take(&mut listed) {
-                        self.reconcile(pod).await;
+                    {
+                        let _epoch = self.epoch.write().await;
+                        self.rebuild(&listed).await;
                     }
-                    self.retry_pending().await;
+                    for pod in std::mem::take(&mut listed) {
+                        if is_shared(&pod) {
+                            self.dispatch(pod, false).await;
+                        }
+                    }
+                    self.retry_pending();
                 }
-                Ok(watcher::Event::Apply(pod)) => self.reconcile(pod).await,
-                Ok(watcher::Event::Delete(pod)) => self.forget(&pod).await,
+                Ok(watcher::Event::Apply(pod)) if is_shared(&pod) => {
+                    self.dispatch(pod, false).await;
+                }
+                Ok(watcher::Event::Delete(pod)) if is_shared(&pod) => {
+                    self.dispatch(pod, true).await;
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {}
                 Err(error) => warn!(%error, "pod watch failed; retrying"),
             }
         }
@@ -441,7 +501,7 @@ impl Agent {
         }
         if let Some(grant) = released {
             info!(pod = %key, gpus = %grant.gpu_uuids.join(","), why, "Released GPU share");
-            self.retry_pending().await;
+            self.retry_pending();
             self.sync_shared_label().await;
         }
     }
@@ -451,27 +511,33 @@ impl Agent {
         self.release(&uid, &pod_key(pod), "pod deleted").await;
     }
 
-    /// Tries the waiting pods again (after something was freed or the native set changed).
-    pub async fn retry_pending(&self) {
-        let waiting: Vec<PendingWorker> =
-            self.state.lock().await.pending.values().cloned().collect();
-        for pending in waiting {
-            match self
-                .pods(&pending.spec.namespace)
-                .get_opt(&pending.spec.name)
-                .await
-            {
-                Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(&pending.spec.uid) => {
-                    Box::pin(self.reconcile(pod)).await;
-                }
-                Ok(_) => {
-                    self.state.lock().await.pending.remove(&pending.spec.uid);
-                }
-                Err(error) => {
-                    warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
+    /// Tries the waiting pods again (after something was freed or the native set changed), in
+    /// a task of its own: each pod is re-read and handled like a watch event of it.
+    pub fn retry_pending(&self) {
+        let Some(agent) = self.me.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let waiting: Vec<PendingWorker> =
+                agent.state.lock().await.pending.values().cloned().collect();
+            for pending in waiting {
+                match agent
+                    .pods(&pending.spec.namespace)
+                    .get_opt(&pending.spec.name)
+                    .await
+                {
+                    Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(&pending.spec.uid) => {
+                        agent.dispatch(pod, false).await;
+                    }
+                    Ok(_) => {
+                        agent.state.lock().await.pending.remove(&pending.spec.uid);
+                    }
+                    Err(error) => {
+                        warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
+                    }
                 }
             }
-        }
+        });
     }
 
     /// Rewrites the node's labels when whether it hosts shared workers changed (first worker
@@ -596,7 +662,7 @@ impl Agent {
         };
         if changed {
             self.publish_node_status().await;
-            self.retry_pending().await;
+            self.retry_pending();
         }
         changed
     }
@@ -710,7 +776,7 @@ impl Agent {
         // nothing else may happen to them before the next resync.
         let waiting = !self.state.lock().await.pending.is_empty();
         if outcome.rebuilt || waiting {
-            self.retry_pending().await;
+            self.retry_pending();
         }
         outcome
     }
