@@ -27,6 +27,7 @@ test-unit:
 test-e2e:
 	e2e/scripts/run-e2e.sh
 
-## bench: the benchmarks behind docs/benchmarks.md
+## bench: the benchmarks behind docs/benchmarks.md (the in-process ones; the two that need a
+## cluster start their own: e2e/scripts/bench-webhook.sh and e2e/scripts/bench-agent.sh)
 bench:
-	$(CARGO) bench --workspace
+	$(CARGO) bench --workspace --exclude tensor-fusion-e2e
