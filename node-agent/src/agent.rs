@@ -108,6 +108,8 @@ pub struct Agent {
     pod_turns: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Shared by pod handlers, exclusive for a rebuild.
     epoch: tokio::sync::RwLock<()>,
+    /// Node writes one at a time, each from a state read inside it.
+    publishing: Mutex<()>,
     /// This agent, for the tasks it spawns.
     me: Weak<Agent>,
 }
@@ -148,18 +150,41 @@ impl Agent {
             }),
             pod_turns: std::sync::Mutex::default(),
             epoch: tokio::sync::RwLock::new(()),
+            publishing: Mutex::new(()),
             me: me.clone(),
         })
+    }
+
+    /// Whether the pod holds a grant or waits for one.
+    async fn knows(&self, pod: &Pod) -> bool {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        let state = self.state.lock().await;
+        state.workers.contains_key(uid) || state.pending.contains_key(uid)
     }
 
     /// Handles one event of a shared pod (`deleted`: it went away) in a task of its own, after
     /// every earlier handler of the same pod and outside rebuilds. Returns once the pod's turn
     /// is taken, so the caller's order is the order the pod's events are handled in.
     async fn dispatch(&self, pod: Pod, deleted: bool) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        self.in_turn(uid, move |agent| async move {
+            if deleted {
+                agent.forget(&pod).await;
+            } else {
+                agent.reconcile(pod).await;
+            }
+        })
+        .await;
+    }
+
+    async fn in_turn<F, Fut>(&self, uid: String, handle: F)
+    where
+        F: FnOnce(Arc<Agent>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let Some(agent) = self.me.upgrade() else {
             return;
         };
-        let uid = pod.metadata.uid.clone().unwrap_or_default();
         let turn = {
             let mut turns = self.pod_turns.lock().expect("no panic while held");
             turns.entry(uid.clone()).or_default().clone()
@@ -168,11 +193,7 @@ impl Agent {
         tokio::spawn(async move {
             {
                 let _epoch = agent.epoch.read().await;
-                if deleted {
-                    agent.forget(&pod).await;
-                } else {
-                    agent.reconcile(pod).await;
-                }
+                handle(agent.clone()).await;
             }
             drop(turn);
             // Nobody waits for this pod any more: forget its turn (a gone pod has no later
@@ -218,7 +239,8 @@ impl Agent {
                 Ok(watcher::Event::Apply(pod)) if is_shared(&pod) => {
                     self.dispatch(pod, false).await;
                 }
-                Ok(watcher::Event::Delete(pod)) if is_shared(&pod) => {
+                // Also a pod that holds a grant although its annotations were edited since.
+                Ok(watcher::Event::Delete(pod)) if is_shared(&pod) || self.knows(&pod).await => {
                     self.dispatch(pod, true).await;
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {}
@@ -235,7 +257,16 @@ impl Agent {
         allocator.set_native(&state.native_gpus);
         let mut workers = BTreeMap::new();
         for pod in pods.iter().filter(|pod| is_shared(pod) && !has_ended(pod)) {
-            let Some((spec, assignment)) = self.recorded(pod) else {
+            let committed_since_list = || {
+                // The list can predate an assignment a handler recorded since (the rebuild only
+                // waits for handlers, not the list): keep what was committed.
+                matches!(Assignment::from_pod(pod), Ok(None))
+                    .then(|| pod.metadata.uid.as_deref())
+                    .flatten()
+                    .and_then(|uid| state.workers.get(uid))
+                    .map(|record| (record.spec.clone(), record.assignment.clone()))
+            };
+            let Some((spec, assignment)) = self.recorded(pod).or_else(committed_since_list) else {
                 continue;
             };
             allocator.restore(&spec.uid, assignment.grant.clone());
@@ -521,21 +552,29 @@ impl Agent {
             let waiting: Vec<PendingWorker> =
                 agent.state.lock().await.pending.values().cloned().collect();
             for pending in waiting {
-                match agent
-                    .pods(&pending.spec.namespace)
-                    .get_opt(&pending.spec.name)
-                    .await
-                {
-                    Ok(Some(pod)) if pod.metadata.uid.as_deref() == Some(&pending.spec.uid) => {
-                        agent.dispatch(pod, false).await;
-                    }
-                    Ok(_) => {
-                        agent.state.lock().await.pending.remove(&pending.spec.uid);
-                    }
-                    Err(error) => {
-                        warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
-                    }
-                }
+                // Re-read in the pod's turn, so the copy is no older than its handled events.
+                let uid = pending.spec.uid.clone();
+                agent
+                    .in_turn(uid, move |agent| async move {
+                        match agent
+                            .pods(&pending.spec.namespace)
+                            .get_opt(&pending.spec.name)
+                            .await
+                        {
+                            Ok(Some(pod))
+                                if pod.metadata.uid.as_deref() == Some(&pending.spec.uid) =>
+                            {
+                                agent.reconcile(pod).await;
+                            }
+                            Ok(_) => {
+                                agent.state.lock().await.pending.remove(&pending.spec.uid);
+                            }
+                            Err(error) => {
+                                warn!(pod = %pending.spec.key(), %error, "Failed to re-read a waiting pod")
+                            }
+                        }
+                    })
+                    .await;
             }
         });
     }
@@ -543,17 +582,23 @@ impl Agent {
     /// Rewrites the node's labels when whether it hosts shared workers changed (first worker
     /// arrived, last one left), so native GPU pods are kept off exactly while shared ones run.
     async fn sync_shared_label(&self) {
+        let _publishing = self.publishing.lock().await;
         let stale = {
             let state = self.state.lock().await;
             state.published_hosts_shared != Some(!state.workers.is_empty())
         };
         if stale {
-            self.publish_node_status().await;
+            self.write_node_status().await;
         }
     }
 
     /// Writes the node's extended resources and labels.
     pub async fn publish_node_status(&self) {
+        let _publishing = self.publishing.lock().await;
+        self.write_node_status().await;
+    }
+
+    async fn write_node_status(&self) {
         let (tflops, vram, count, model, hosts_shared) = {
             let state = self.state.lock().await;
             let gpus: Vec<GpuCapacity> = state
@@ -804,3 +849,6 @@ fn truncate(text: &str, max: usize) -> String {
     }
     text[..end].to_owned()
 }
+
+#[cfg(test)]
+mod race_tests;
