@@ -16,11 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::PostParams;
 use kube::runtime::watcher;
-use tensor_fusion_e2e::agent::{AgentProcess, MockGpus, shared_template};
+use tensor_fusion_e2e::agent::{AgentProcess, MockGpus, shared_template, wait_advertised_vram};
 use tensor_fusion_e2e::{Cluster, wait_for};
 
 const GIB: u64 = 1 << 30;
@@ -183,21 +183,7 @@ async fn main() -> anyhow::Result<()> {
     report_all(&bound_burst, &seen);
 
     // Phase 3: a burst the scheduler places, once it sees the agent's capacity.
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    let expected = (8 * 80 * GIB).to_string();
-    wait_for(
-        "the node to advertise the agent's VRAM",
-        Duration::from_secs(30),
-        || async {
-            let node = nodes.get(NODE).await?;
-            let vram = node
-                .status
-                .and_then(|status| status.allocatable)
-                .and_then(|resources| resources.get("tensor-fusion.ai/vram").cloned());
-            Ok(vram.is_some_and(|quantity| quantity.0 == expected))
-        },
-    )
-    .await?;
+    wait_advertised_vram(&cluster, &[NODE], gpus).await?;
     let burst = create_burst(&pods, "burst", false).await?;
     wait_assigned(&seen, &burst.0).await?;
     report("burst through kube-scheduler", &burst.0, &seen);

@@ -8,17 +8,7 @@ source "$(dirname "$0")/lib.sh"
 
 export TF_E2E_STATE=${TF_E2E_BENCH_STATE:-$E2E_DIR/.cluster-bench}
 export TF_E2E_PORT_OFFSET=${TF_E2E_BENCH_PORT_OFFSET:-400}
-cleanup() {
-  local status=$?
-  if [ "$status" -ne 0 ]; then
-    log "benchmark failed; control-plane logs kept in $TF_E2E_STATE/logs, agent logs in ${TMPDIR:-/tmp}/tf-agent-*.log"
-    "$E2E_DIR/scripts/cluster.sh" down --keep >/dev/null 2>&1 || true
-  else
-    "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
+trap 'stop_cluster_on_exit benchmark' EXIT
 
 (cd "$REPO_DIR" && cargo build --quiet --release -p tensor-fusion-node-agent -p tensor-fusion-mock-nvml)
 "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true

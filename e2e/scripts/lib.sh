@@ -29,3 +29,16 @@ with_progress() {
   done
   wait "$pid"
 }
+
+# An EXIT trap for scripts that start a throw-away cluster: stops it, keeping the control-plane
+# logs when the script failed. Usage: trap 'stop_cluster_on_exit "e2e"' EXIT
+stop_cluster_on_exit() {
+  local status=$? what=$1
+  if [ "$status" -ne 0 ]; then
+    log "$what failed; control-plane logs kept in $TF_E2E_STATE/logs, component logs in ${TMPDIR:-/tmp}/tf-*.log"
+    "$E2E_DIR/scripts/cluster.sh" down --keep >/dev/null 2>&1 || true
+  else
+    "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
+  fi
+  exit "$status"
+}

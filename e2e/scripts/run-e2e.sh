@@ -9,17 +9,7 @@ source "$(dirname "$0")/lib.sh"
 export TF_E2E_STATE=${TF_E2E_TEST_STATE:-$E2E_DIR/.cluster-test}
 export TF_E2E_PORT_OFFSET=${TF_E2E_TEST_PORT_OFFSET:-300}
 
-cleanup() {
-  local status=$?
-  if [ "$status" -ne 0 ]; then
-    log "e2e failed; control-plane logs kept in $TF_E2E_STATE/logs, webhook logs in ${TMPDIR:-/tmp}/tf-webhook-*.log"
-    "$E2E_DIR/scripts/cluster.sh" down --keep >/dev/null 2>&1 || true
-  else
-    "$E2E_DIR/scripts/cluster.sh" down >/dev/null 2>&1 || true
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
+trap 'stop_cluster_on_exit e2e' EXIT
 
 (cd "$REPO_DIR" && cargo build --quiet -p tensor-fusion-webhook -p tensor-fusion-node-agent -p tensor-fusion-mock-nvml)
 # The chart tests (tests/helm.rs) need helm: built once into the cache, then put on PATH.

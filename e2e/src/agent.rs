@@ -249,3 +249,33 @@ pub fn shared_template(app: &str, vram: u64, nodes: &[&str]) -> serde_json::Valu
         }
     })
 }
+
+/// Waits until each of `nodes` advertises the VRAM of `gpus` (what its agent publishes), so the
+/// scheduler sees the agents' capacity before pods arrive.
+pub async fn wait_advertised_vram(
+    cluster: &Cluster,
+    nodes: &[&str],
+    gpus: MockGpus,
+) -> anyhow::Result<()> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(cluster.client.clone());
+    let expected = (u64::from(gpus.count) * gpus.vram_bytes).to_string();
+    wait_for(
+        "the nodes to advertise the agents' VRAM",
+        Duration::from_secs(30),
+        || async {
+            for node in nodes {
+                let node = api.get(node).await?;
+                let allocatable = node.status.and_then(|status| status.allocatable);
+                let vram = allocatable
+                    .as_ref()
+                    .and_then(|resources| resources.get("tensor-fusion.ai/vram"))
+                    .map(|quantity| quantity.0.clone());
+                if vram.as_deref() != Some(expected.as_str()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await
+}

@@ -45,12 +45,7 @@ impl Cluster {
 
     /// Runs `kubectl` against the cluster and returns its stdout.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .context("running kubectl")?;
+        let output = self.run_kubectl(args)?;
         if !output.status.success() {
             bail!(
                 "kubectl {} failed: {}",
@@ -64,13 +59,16 @@ impl Cluster {
     /// Runs kubectl and returns its standard output whatever its exit status (`kubectl auth
     /// can-i` answers "no" with status 1).
     pub fn kubectl_output(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = Command::new("kubectl")
+        Ok(String::from_utf8(self.run_kubectl(args)?.stdout)?)
+    }
+
+    fn run_kubectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
             .output()
-            .context("running kubectl")?;
-        Ok(String::from_utf8(output.stdout)?)
+            .context("running kubectl")
     }
 
     /// Applies a YAML document through `kubectl apply`.

@@ -119,27 +119,7 @@ async fn start_agents(
 /// Waits until both nodes advertise the agents' VRAM: the scheduler must see the agents'
 /// capacity before the pods arrive.
 async fn wait_advertised_vram(cluster: &Cluster, gpus: MockGpus) -> anyhow::Result<()> {
-    let nodes: Api<Node> = Api::all(cluster.client.clone());
-    let expected = (u64::from(gpus.count) * gpus.vram_bytes).to_string();
-    wait_for(
-        "the nodes to advertise the agents' VRAM",
-        Duration::from_secs(30),
-        || async {
-            for node in NODES {
-                let node = nodes.get(node).await?;
-                let allocatable = node.status.and_then(|status| status.allocatable);
-                let vram = allocatable
-                    .as_ref()
-                    .and_then(|resources| resources.get("tensor-fusion.ai/vram"))
-                    .map(|quantity| quantity.0.clone());
-                if vram.as_deref() != Some(expected.as_str()) {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        },
-    )
-    .await
+    tensor_fusion_e2e::agent::wait_advertised_vram(cluster, &NODES, gpus).await
 }
 
 async fn scheduled_pods(cluster: &Cluster, namespace: &str, app: &str) -> anyhow::Result<Vec<Pod>> {

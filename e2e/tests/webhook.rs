@@ -671,22 +671,7 @@ async fn native_pods_land_elsewhere(
     deployments
         .create(&PostParams::default(), &deployment("native", 3, template))
         .await?;
-    wait_for(
-        "3 native pods to be scheduled",
-        Duration::from_secs(60),
-        || async {
-            let pods = cluster.live_pods(ns, "app=native").await?;
-            Ok(pods.len() == 3
-                && pods.iter().all(|pod| {
-                    pod.spec
-                        .as_ref()
-                        .and_then(|spec| spec.node_name.as_ref())
-                        .is_some()
-                }))
-        },
-    )
-    .await?;
-    for pod in cluster.live_pods(ns, "app=native").await? {
+    for pod in wait_scheduled(cluster, ns, "native", 3).await? {
         let spec = pod.spec.unwrap_or_default();
         assert_eq!(
             spec.node_name.as_deref(),
@@ -715,22 +700,7 @@ async fn native_pods_land_elsewhere(
             &deployment("rolled-back", 2, rolled_back),
         )
         .await?;
-    wait_for(
-        "2 rolled-back pods to be scheduled",
-        Duration::from_secs(60),
-        || async {
-            let pods = cluster.live_pods(ns, "app=rolled-back").await?;
-            Ok(pods.len() == 2
-                && pods.iter().all(|pod| {
-                    pod.spec
-                        .as_ref()
-                        .and_then(|spec| spec.node_name.as_ref())
-                        .is_some()
-                }))
-        },
-    )
-    .await?;
-    for pod in cluster.live_pods(ns, "app=rolled-back").await? {
+    for pod in wait_scheduled(cluster, ns, "rolled-back", 2).await? {
         assert!(annotation(&pod, "tensor-fusion.ai/native").is_some());
         assert_eq!(
             pod.spec.and_then(|spec| spec.node_name).as_deref(),
@@ -749,6 +719,32 @@ async fn native_pods_land_elsewhere(
     assert!(created.spec.and_then(|spec| spec.affinity).is_none());
     assert_eq!(skipped_reviews(webhook).await?, skipped_before);
     Ok(())
+}
+
+/// Waits until `count` live pods labelled `app=<app>` are bound to nodes, and returns them.
+async fn wait_scheduled(
+    cluster: &Cluster,
+    namespace: &str,
+    app: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Pod>> {
+    let selector = format!("app={app}");
+    wait_for(
+        &format!("{count} {app} pods to be scheduled"),
+        Duration::from_secs(60),
+        || async {
+            let pods = cluster.live_pods(namespace, &selector).await?;
+            Ok(pods.len() == count
+                && pods.iter().all(|pod| {
+                    pod.spec
+                        .as_ref()
+                        .and_then(|spec| spec.node_name.as_ref())
+                        .is_some()
+                }))
+        },
+    )
+    .await?;
+    cluster.live_pods(namespace, &selector).await
 }
 
 /// `tensor_fusion_webhook_admissions_total{decision="skipped"}` from the webhook's `/metrics`.

@@ -127,7 +127,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(config.host_root.join("pods"))
         .with_context(|| format!("creating {}", config.host_root.join("pods").display()))?;
-    if config.vram_expand_to_host_disk > 0.0 {
+    let host = capacity::HostSizes::read(&config.state_dir);
+    if config.vram_expand_to_host_disk > 0.0 && host.disk_bytes == 0 {
+        // Measure again for the reason (`read` turns a failure into 0).
         capacity::disk_size(&config.state_dir).with_context(|| {
             format!(
                 "stateDir {}: its disk backs vramExpandToHostDisk = {} but cannot be measured",
@@ -136,7 +138,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             )
         })?;
     }
-    let host = capacity::HostSizes::read(&config.state_dir);
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API")?;

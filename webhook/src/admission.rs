@@ -289,11 +289,27 @@ impl<S: SlotStore> Admitter<S> {
             "labels",
             labels_out,
         );
-        Verdict {
-            decision: Decision::Shared,
-            patch: Some(Value::Array(operations)),
-            denial: None,
-        }
+        Verdict::patched(Decision::Shared, operations)
+    }
+
+    /// Leaves the pod native: the patch adds the one annotation that says why (and, under
+    /// progressive migration, the node anti-affinity of a native GPU pod).
+    fn native(&self, pod_key: &str, pod: &Value, metadata: &ObjectMeta, reason: String) -> Verdict {
+        let guarded = self.guard_native && native::asks_for_native_gpus(pod);
+        info!(pod = %pod_key, decision = "native", reason = %reason, kept_off_shared_nodes = guarded, "Pod admitted");
+        let mut operations = if guarded {
+            keep_off_shared_nodes_operations(pod)
+        } else {
+            Vec::with_capacity(1)
+        };
+        let note = vec![(keys::NATIVE, reason)];
+        metadata_operations(
+            &mut operations,
+            metadata.annotations.is_some(),
+            "annotations",
+            note,
+        );
+        Verdict::patched(Decision::Native, operations)
     }
 }
 
@@ -304,11 +320,10 @@ fn guard_native(pod_key: &str, pod: &Value) -> Verdict {
         return Verdict::skipped();
     }
     info!(pod = %pod_key, decision = "native-guarded", "Native GPU pod kept off nodes with shared workers");
-    Verdict {
-        decision: Decision::NativeGuarded,
-        patch: Some(Value::Array(keep_off_shared_nodes_operations(pod))),
-        denial: None,
-    }
+    Verdict::patched(
+        Decision::NativeGuarded,
+        keep_off_shared_nodes_operations(pod),
+    )
 }
 
 /// The JSON patch operations that add the node anti-affinity of a native GPU pod.
@@ -338,6 +353,15 @@ fn pod_key(request: &AdmissionRequest, metadata: &ObjectMeta) -> String {
 }
 
 impl Verdict {
+    /// Allowed with the JSON patch `operations`.
+    fn patched(decision: Decision, operations: Vec<Value>) -> Self {
+        Self {
+            decision,
+            patch: Some(Value::Array(operations)),
+            denial: None,
+        }
+    }
+
     fn skipped() -> Self {
         Self {
             decision: Decision::Skipped,
@@ -353,32 +377,6 @@ fn deny(pod_key: &str, message: &str) -> Verdict {
         decision: Decision::Denied,
         patch: None,
         denial: Some(message.to_owned()),
-    }
-}
-
-impl<S> Admitter<S> {
-    /// Leaves the pod native: the patch adds the one annotation that says why (and, under
-    /// progressive migration, the node anti-affinity of a native GPU pod).
-    fn native(&self, pod_key: &str, pod: &Value, metadata: &ObjectMeta, reason: String) -> Verdict {
-        let guarded = self.guard_native && native::asks_for_native_gpus(pod);
-        info!(pod = %pod_key, decision = "native", reason = %reason, kept_off_shared_nodes = guarded, "Pod admitted");
-        let mut operations = if guarded {
-            keep_off_shared_nodes_operations(pod)
-        } else {
-            Vec::with_capacity(1)
-        };
-        let note = vec![(keys::NATIVE, reason)];
-        metadata_operations(
-            &mut operations,
-            metadata.annotations.is_some(),
-            "annotations",
-            note,
-        );
-        Verdict {
-            decision: Decision::Native,
-            patch: Some(Value::Array(operations)),
-            denial: None,
-        }
     }
 }
 

@@ -35,6 +35,13 @@ struct Server {
     release: tokio::sync::Semaphore,
 }
 
+impl Server {
+    /// Runs `edit` on the fake's state.
+    fn with<R>(&self, edit: impl FnOnce(&mut Fake) -> R) -> R {
+        edit(&mut self.fake.lock().expect("no test panics while holding it"))
+    }
+}
+
 fn merge(target: &mut Value, patch: &Value) {
     if let Value::Object(patch) = patch {
         if !target.is_object() {
@@ -244,12 +251,7 @@ async fn init_done(agent: &Agent, listed: Vec<Pod>) {
 async fn a_relist_during_an_assignment_keeps_the_committed_grant() {
     let (agent, server, _dir) =
         setup(&[pod("b-p", "uid-p", 6 * GIB), pod("a-q", "uid-q", 6 * GIB)]);
-    server
-        .fake
-        .lock()
-        .unwrap()
-        .gated_patch
-        .insert("b-p".to_owned());
+    server.with(|fake| fake.gated_patch.insert("b-p".to_owned()));
     // Watch event for P (before the watch breaks with 410 Gone).
     agent.dispatch(server_pod(&server, "b-p"), false).await;
     server.seen.notified().await; // P's grant is in memory, its patch in flight
@@ -286,17 +288,12 @@ async fn a_relist_during_an_assignment_keeps_the_committed_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_retry_never_handles_a_copy_older_than_the_pods_delete() {
     let (agent, server, _dir) = setup(&[pod("p", "uid-p", 6 * GIB)]);
-    server
-        .fake
-        .lock()
-        .unwrap()
-        .lost_patch
-        .insert("p".to_owned());
+    server.with(|fake| fake.lost_patch.insert("p".to_owned()));
     agent.dispatch(server_pod(&server, "p"), false).await;
     settle(&agent).await;
     assert!(agent.state.lock().await.pending.contains_key("uid-p"));
     // Something is freed: a retry re-reads P (its copy carries the recorded assignment).
-    server.fake.lock().unwrap().gated_get.insert("p".to_owned());
+    server.with(|fake| fake.gated_get.insert("p".to_owned()));
     agent.retry_pending();
     server.seen.notified().await;
     // The watch: P's own patch (Apply), then P is deleted (Delete).
@@ -333,7 +330,7 @@ async fn concurrent_label_writes_leave_the_label_matching_the_workers() {
     settle(&agent).await;
     assert_eq!(agent.state.lock().await.published_hosts_shared, Some(true));
     // P is deleted; its release publishes the node (first node call held).
-    server.fake.lock().unwrap().gated_node = true;
+    server.with(|fake| fake.gated_node = true);
     let gone = server_pod(&server, "p");
     server.fake.lock().unwrap().pods.remove("p");
     agent.dispatch(gone, true).await;
